@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test` (each sets itself up).
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned here because an unpinned torch would pull a multi-GB CUDA build on CPU machines;
+# on a GPU cluster run e.g. `make setup TORCH_SPEC=torch` to keep your CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test
+BIN := $(VENV)/bin
+DEMO_DIR ?= outputs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/disttrain dist.nproc_per_node=2 trainer.max_steps=200 trainer.log_every=20 \
+		checkpoint.every_steps=100 hydra.run.dir=$(DEMO_DIR) checkpoint.resume=auto
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,150 @@
+"""Where am I? Rank and world size read from whatever launched this process.
+
+Detection order matters: torchrun first (it can run inside a Slurm allocation or an
+MPI job and then its variables are the truth for this process), then Slurm, then MPI,
+then a plain single process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import zlib
+from typing import Mapping
+
+LAUNCHERS = ("torchrun", "slurm", "mpi", "single")
+
+
+class LauncherEnvError(RuntimeError):
+    """The launcher's environment is incomplete or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    launcher: str = "single"
+    restart_count: int = 0
+    run_id: str | None = None
+    #: torchrun's agent already serves a TCP store on master_addr:master_port.
+    agent_store: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(environ: Mapping[str, str], name: str, launcher: str) -> int:
+    value = environ.get(name)
+    if value is None:
+        raise LauncherEnvError(
+            f"{launcher} launch detected but ${name} is not set; "
+            f"launch through {launcher} itself or export {name}."
+        )
+    try:
+        return int(value)
+    except ValueError:
+        raise LauncherEnvError(f"${name}={value!r} is not an integer ({launcher} launch).") from None
+
+
+def _torchrun(environ: Mapping[str, str]) -> World:
+    name = "torchrun"
+    return World(
+        rank=_int(environ, "RANK", name),
+        local_rank=_int(environ, "LOCAL_RANK", name),
+        world_size=_int(environ, "WORLD_SIZE", name),
+        local_world_size=int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])),
+        node_rank=int(environ.get("GROUP_RANK", environ.get("NODE_RANK", "0"))),
+        master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int(environ, "MASTER_PORT", name),
+        launcher=name,
+        restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        run_id=environ.get("TORCHELASTIC_RUN_ID"),
+        agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
+    )
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as ``gpu[03-05,7],cpu1`` -> ``gpu03``.
+
+    Parsed here (not with ``scontrol show hostnames``) because compute nodes do not
+    always have the Slurm client tools on PATH inside containers.
+    """
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise LauncherEnvError(f"cannot parse $SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = match.group(1), match.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def slurm_port(job_id: str) -> int:
+    """A port derived from the job id, so every task agrees without talking first."""
+    return 20000 + zlib.crc32(job_id.encode()) % 20000
+
+
+def _slurm(environ: Mapping[str, str]) -> World:
+    name = "slurm"
+    job_id = environ.get("SLURM_JOB_ID", "0")
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
+    world_size = _int(environ, "SLURM_NTASKS", name)
+    return World(
+        rank=_int(environ, "SLURM_PROCID", name),
+        local_rank=int(environ.get("SLURM_LOCALID", "0")),
+        world_size=world_size,
+        local_world_size=int(environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0)
+        or world_size // max(1, int(environ.get("SLURM_NNODES", "1"))),
+        node_rank=int(environ.get("SLURM_NODEID", "0")),
+        master_addr=environ.get("MASTER_ADDR") or first_slurm_host(nodelist),
+        master_port=int(environ.get("MASTER_PORT") or slurm_port(job_id)),
+        launcher=name,
+        restart_count=int(environ.get("SLURM_RESTART_COUNT", "0")),
+        run_id=f"slurm-{job_id}",
+    )
+
+
+def _mpi(environ: Mapping[str, str]) -> World:
+    if "OMPI_COMM_WORLD_RANK" in environ:
+        rank_var, size_var = "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"
+        local_var, local_size_var = "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"
+        node_rank = int(environ.get("OMPI_COMM_WORLD_NODE_RANK", "0"))
+    else:  # MPICH / Intel MPI / any PMI process manager
+        rank_var, size_var = "PMI_RANK", "PMI_SIZE"
+        local_var, local_size_var = "MPI_LOCALRANKID", "MPI_LOCALNRANKS"
+        node_rank = 0
+    world_size = _int(environ, size_var, "mpi")
+    run_id = environ.get("PMIX_NAMESPACE") or environ.get("OMPI_MCA_orte_ess_jobid")
+    port = environ.get("MASTER_PORT")
+    return World(
+        rank=_int(environ, rank_var, "mpi"),
+        local_rank=int(environ.get(local_var, "0")),
+        world_size=world_size,
+        local_world_size=int(environ.get(local_size_var, str(world_size))),
+        node_rank=node_rank,
+        # No address given: dist.py bootstraps one through mpi4py (rank 0 broadcasts).
+        master_addr=environ.get("MASTER_ADDR"),
+        master_port=int(port) if port else None,
+        launcher="mpi",
+        run_id=f"mpi-{run_id}" if run_id else None,
+    )
+
+
+def detect(environ: Mapping[str, str] | None = None) -> World:
+    """Read the launcher's variables; pure apart from reading ``os.environ`` by default."""
+    environ = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "LOCAL_RANK" in environ):
+        return _torchrun(environ)
+    # A Slurm allocation alone (the body of an sbatch script, salloc) is not a task: only a
+    # task of an srun step (SLURM_STEP_ID) is one rank of the job.
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
+        return _slurm(environ)
+    if "OMPI_COMM_WORLD_RANK" in environ or "PMI_RANK" in environ:
+        return _mpi(environ)
+    return World()

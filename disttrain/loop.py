@@ -1,0 +1,82 @@
+"""The one training loop. Strategies own the optimizer step; the loop owns the rest:
+fetching micro-batches, logging cadence and checkpoint cadence."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Iterator
+
+import torch
+
+from disttrain.metrics import Meter, TensorBoard
+from disttrain.progress import Progress
+from disttrain.strategies.base import Strategy
+
+log = logging.getLogger("disttrain")
+
+
+@dataclasses.dataclass
+class LoopSettings:
+    max_steps: int
+    grad_accum_steps: int
+    log_every: int
+    checkpoint_every: int
+
+
+@dataclasses.dataclass
+class LoopParts:
+    """The objects the loop drives; built by ``disttrain.run``."""
+
+    strategy: Strategy
+    batches: Iterator[Any]
+    advance_data: Callable[[int], None]
+    loss_fn: torch.nn.Module
+    save: Callable[[int], None]
+    meter: Meter
+    tensorboard: TensorBoard
+    progress: Progress
+    device: torch.device
+    #: polled once per step; True asks for a checkpoint and a clean stop (signals, issue hooks).
+    stop_requested: Callable[[], bool] = lambda: False
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(item, device) for item in batch)
+
+
+def current_lr(strategy: Strategy) -> float | None:
+    optimizer = getattr(strategy, "optimizer", None)
+    return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
+
+
+def train(settings: LoopSettings, parts: LoopParts, start_step: int) -> int:
+    """Run optimizer steps from ``start_step`` to ``max_steps``; return the last step."""
+    step = start_step
+    saved_at = start_step
+    while step < settings.max_steps:
+        micro = [to_device(next(parts.batches), parts.device) for _ in range(settings.grad_accum_steps)]
+        stats = parts.strategy.train_step(micro, parts.loss_fn)
+        parts.advance_data(settings.grad_accum_steps)
+        step += 1
+        parts.meter.add(stats)
+        logged = step % settings.log_every == 0 or step == settings.max_steps
+        fields: dict[str, float] = {}
+        if logged:
+            fields = parts.meter.flush()
+            lr = current_lr(parts.strategy)
+            if lr is not None:
+                fields["lr"] = lr
+            parts.tensorboard.scalars(step, fields)
+        parts.progress.update(step, fields, logged)
+        stop = parts.stop_requested()
+        if stop or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
+            parts.save(step)
+            saved_at = step
+        if stop:
+            log.warning("stop requested: checkpoint saved at step %d, leaving the loop", step)
+            return step
+    if saved_at != step:
+        parts.save(step)
+    return step

@@ -1,0 +1,108 @@
+"""One rank's whole life: process group up, build, restore, train, save, tear down."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from disttrain import builders, dist as dist_setup, env
+from disttrain.checkpoint import Checkpointer, CheckpointError, step_dirs
+from disttrain.logs import setup_logging
+from disttrain.loop import LoopParts, LoopSettings, train
+from disttrain.metrics import Meter, TensorBoard
+from disttrain.progress import Progress
+from disttrain.rng import rng_state, seed_everything, set_rng_state
+from disttrain.strategies.base import SetupContext, Strategy
+
+log = logging.getLogger("disttrain")
+
+
+def _agree_on_run_dir(run_dir: Path) -> Path:
+    """Rank 0's run directory wins (ranks of one job must share checkpoints and logs)."""
+    chosen = [str(run_dir)]
+    dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+def _build_strategy(cfg: DictConfig, world: env.World, device, run_dir: Path) -> Strategy:
+    strategy: Strategy = instantiate(cfg.strategy)
+    strategy.setup(SetupContext(
+        world=world, device=device, build_model=builders.model_builder(cfg),
+        build_optimizer=builders.optimizer_builder(cfg), build_scheduler=builders.scheduler_builder(cfg),
+        cfg=cfg, run_dir=run_dir,
+    ))
+    return strategy
+
+
+def _restore(cfg: DictConfig, checkpointer: Checkpointer, strategy: Strategy, sampler) -> int:
+    resume = str(cfg.checkpoint.resume)
+    if resume == "never" and checkpointer.rank == 0 and step_dirs(checkpointer.root):
+        raise CheckpointError(f"{checkpointer.root} already holds checkpoints and checkpoint.resume=never "
+                              "would overwrite them: use checkpoint.resume=auto or a new hydra.run.dir.")
+    directory = checkpointer.choose(resume)
+    if directory is None:
+        return 0
+    state = strategy.state_dict()
+    extra = checkpointer.load(directory, state)
+    strategy.load_state_dict(state)
+    sampler.load_state_dict(extra["sampler"])
+    set_rng_state(extra["rng"])
+    log.info("resumed from %s (step %d)", directory, extra["step"])
+    return int(extra["step"])
+
+
+def run_rank(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train on this rank; returns a small summary (rank 0's final loss and step)."""
+    world = env.detect()
+    device = dist_setup.init(world, cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        run_dir = _agree_on_run_dir(run_dir)
+        setup_logging(run_dir, world.rank)
+        if world.restart_count:
+            log.warning("restart %d of this job (launcher %s)", world.restart_count, world.launcher)
+        if world.rank == 0:
+            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run_dir / ".hydra" / "resolved.yaml", resolve=True)
+        return _train_rank(cfg, world, device, run_dir)
+    finally:
+        dist_setup.teardown()
+
+
+def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dict[str, Any]:
+    seed_everything(cfg.trainer.seed + world.rank)
+    strategy = _build_strategy(cfg, world, device, run_dir)
+    dataset = builders.build_dataset(cfg)
+    loader, sampler = builders.build_loader(cfg, dataset, strategy.data_shard())
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    checkpointer.clean_partial()
+    start = _restore(cfg, checkpointer, strategy, sampler)
+
+    def save(step: int) -> None:
+        extra = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
+        path = checkpointer.save(step, strategy.state_dict(), extra)
+        log.info("checkpoint saved: %s", path)
+
+    meter = Meter(device)
+    tensorboard = TensorBoard(run_dir, enabled=world.rank == 0)
+    progress = Progress(cfg.trainer.max_steps, start, cfg.trainer.progress, enabled=world.rank == 0)
+    settings = LoopSettings(cfg.trainer.max_steps, cfg.trainer.grad_accum_steps, cfg.trainer.log_every,
+                            cfg.checkpoint.every_steps)
+    parts = LoopParts(strategy=strategy, batches=iter(loader), advance_data=sampler.advance,
+                      loss_fn=builders.build_loss(cfg), save=save, meter=meter, tensorboard=tensorboard,
+                      progress=progress, device=device)
+    log.info("training %s on %d rank(s) (%s, %s) from step %d to %d; run dir %s", type(strategy).__name__,
+             world.world_size, world.launcher, device, start, cfg.trainer.max_steps, run_dir)
+    try:
+        last = train(settings, parts, start)
+    finally:
+        progress.close()
+        tensorboard.close()
+        strategy.close()
+    if world.rank == 0:
+        log.info("done at step %d. checkpoints: %s  tensorboard: %s", last, run_dir / "checkpoints",
+                 run_dir / "tensorboard")
+    return {"step": last, "run_dir": str(run_dir)}
