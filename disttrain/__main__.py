@@ -5,6 +5,9 @@ import sys
 
 SUBCOMMANDS: dict[str, str] = {
     # name -> "module:function" taking argv (list[str]); more are registered by later features.
+    "prepare-data": "disttrain.data.prepare:main",
+    "plan": "disttrain.plan:main",       # predicted memory/step time per strategy (issue 7)
+    "report": "disttrain.report:main",   # PNG pictures of run dirs (issue 7)
 }
 
 

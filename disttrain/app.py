@@ -38,7 +38,9 @@ def hydra_main() -> None:
 
 def _job(cfg: DictConfig):
     try:
-        return train_job(cfg)
+        from disttrain.sweep import run_job  # a sweep trial returns its objective; failures are recorded
+
+        return run_job(cfg, train_job)
     except config_mod.ConfigError as exc:
         print(f"disttrain: config error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -13,20 +13,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from disttrain import memory
 from disttrain.config import dataset_kwargs
 from disttrain.data.sampler import ResumableBatchSampler
+from disttrain.data import loader as loader_settings
 
 
-def model_builder(cfg: DictConfig) -> Callable[[], nn.Module]:
+def model_builder(cfg: DictConfig, run_dir=None) -> Callable[[], nn.Module]:
     """A function that builds the model with the run's seed: every rank (and the
-    single-process reference) starts from identical weights."""
+    single-process reference) starts from identical weights. The ``memory`` section
+    (activation checkpointing/offload) is applied here, so every strategy gets it."""
 
     def build() -> nn.Module:
         torch.manual_seed(cfg.trainer.seed)
         model = instantiate(cfg.model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model._target_={cfg.model._target_} returned {type(model).__name__}, not nn.Module")
-        return model
+        return memory.apply(model, cfg, run_dir)
 
     return build
 
@@ -54,13 +57,8 @@ def build_loader(cfg: DictConfig, dataset: Dataset, shard: tuple[int, int]) -> t
     """A DataLoader over this rank's shard, driven by the resumable batch sampler."""
     sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, rank=shard[0], world_size=shard[1],
                                     seed=cfg.trainer.seed, shuffle=cfg.data.get("shuffle", True))
-    workers = int(cfg.data.get("num_workers", 0))
-    extra = {}
-    if workers > 0:
-        extra = {"prefetch_factor": cfg.data.get("prefetch_factor", 2),
-                 "persistent_workers": cfg.data.get("persistent_workers", True)}
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                        pin_memory=bool(cfg.data.get("pin_memory", False)) and torch.cuda.is_available(), **extra)
+    loader = DataLoader(loader_settings.with_debug_delay(dataset, cfg), batch_sampler=sampler,
+                        **loader_settings.loader_options(cfg, shard[0]))
     return loader, sampler
 
 

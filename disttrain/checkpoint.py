@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,9 @@ def _fsync_write(path: Path, text: str) -> None:
 
 
 def write_manifest(directory: Path, step: int) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    # rglob: a native checkpoint (DeepSpeed) writes sub-folders; DCP's files are all top-level.
+    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     _fsync_write(directory / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
 
 
@@ -102,6 +105,7 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be >= 1")
         self.root, self.keep = Path(root), keep
+        self.write_delay_s = 0.0
         self.rank = dist.get_rank() if dist.is_initialized() else 0
 
     def _barrier(self) -> None:
@@ -115,15 +119,21 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
 
-    def save(self, step: int, state: dict[str, Any], extra: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], extra: dict[str, Any], native: Any = None) -> Path:
+        """``native``: a strategy with ``save_checkpoint(dir)`` writes its own format instead of DCP."""
         name = f"step_{step:08d}"
         tmp, final = self.root / f".tmp-{name}", self.root / name
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        dcp.save(state, checkpoint_id=str(tmp))
+        if hasattr(native, "save_checkpoint"):  # optional strategy capability (DeepSpeed's own format)
+            native.save_checkpoint(tmp)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
         torch.save(extra, tmp / f"extra_rank{self.rank}.pt")
+        if self.write_delay_s:  # debug (fault.debug.save_delay_s): a window to kill a write midway
+            time.sleep(self.write_delay_s)
         self._barrier()
         if self.rank == 0:
             write_manifest(tmp, step)
@@ -157,9 +167,13 @@ class Checkpointer:
             raise CheckpointError(choice[0][1])
         return Path(choice[0]) if choice[0] else None
 
-    def load(self, directory: Path, state: dict[str, Any]) -> dict[str, Any]:
-        """Fill ``state`` in place from ``directory``; return this rank's extras."""
-        dcp.load(state, checkpoint_id=str(directory))
+    def load(self, directory: Path, state: dict[str, Any], native: Any = None) -> dict[str, Any]:
+        """Fill ``state`` in place from ``directory`` (or ``native.load_checkpoint`` it); return
+        this rank's extras."""
+        if hasattr(native, "load_checkpoint"):
+            native.load_checkpoint(directory)
+        else:
+            dcp.load(state, checkpoint_id=str(directory))
         extra_path = directory / f"extra_rank{self.rank}.pt"
         if not extra_path.is_file():
             raise CheckpointError(f"{directory} has no state for rank {self.rank}: was it written "
@@ -179,9 +193,16 @@ def load_model_state(run_dir: str | os.PathLike, step: int | None = None) -> dic
         reason = verify(directory)
         if reason:
             raise CheckpointError(f"{directory}: {reason}")
+    if (directory / "native.json").is_file():  # a strategy's own format names its full-state reader
+        from disttrain.config import import_target
+
+        reader = json.loads((directory / "native.json").read_text())["full_model_state"]
+        return import_target(reader.replace(":", "."), "native.json")(directory)
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    loaded = _load_state_dict_from_keys(checkpoint_id=str(directory))
+    with warnings.catch_warnings():  # "loading in a single process" is exactly the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = _load_state_dict_from_keys(checkpoint_id=str(directory))
     return _unflatten_model(loaded)
 
 

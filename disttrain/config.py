@@ -13,7 +13,8 @@ from disttrain import env
 
 #: keys of the ``data`` group that configure the loader, not the dataset callable.
 LOADER_KEYS = ("batch_size", "shuffle", "num_workers", "prefetch_factor", "pin_memory",
-               "persistent_workers", "debug_delay_s")
+               "persistent_workers", "debug_delay_s",
+               "val_fraction")  # the held-out split (disttrain.evaluate), not a dataset argument
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,17 @@ def _check_resume(cfg: DictConfig) -> None:
                           f"(…/checkpoints/step_N), 'auto' or 'never'.")
 
 
+def _check_data_and_precision(cfg: DictConfig) -> None:
+    from disttrain import precision
+    from disttrain.data import loader
+
+    try:
+        loader.validate(cfg)
+        precision.validate(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Raise ConfigError for the first bad setting found."""
     for key in ("trainer.max_steps", "trainer.grad_accum_steps", "data.batch_size",
@@ -80,6 +92,19 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(f"trainer.progress={cfg.trainer.progress!r} must be auto, bar or log.")
     _check_targets(cfg)
     _check_resume(cfg)
+    _check_data_and_precision(cfg)
+    from disttrain import observe  # metrics.* (issue 7)
+
+    observe.validate(cfg)
+    from disttrain import memory  # memory.* (issue 5)
+
+    memory.validate(cfg)
+    from disttrain import faults  # fault.* (issue 6)
+
+    try:
+        faults.validate(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     strategy_cls = import_target(cfg.strategy._target_, "strategy")
     if hasattr(strategy_cls, "validate"):
         try:

@@ -1,8 +1,9 @@
 """Where am I? Rank and world size read from whatever launched this process.
 
 Detection order matters: torchrun first (it can run inside a Slurm allocation or an
-MPI job and then its variables are the truth for this process), then Slurm, then MPI,
-then a plain single process.
+MPI job and then its variables are the truth for this process), then Open MPI's mpirun
+(which can run inside a Slurm job), then a Slurm task, then other MPIs (PMI), then the body
+of a Slurm batch script (one process that keeps the job's id), then a plain single process.
 """
 from __future__ import annotations
 
@@ -94,7 +95,9 @@ def _slurm(environ: Mapping[str, str]) -> World:
     name = "slurm"
     job_id = environ.get("SLURM_JOB_ID", "0")
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
-    world_size = _int(environ, "SLURM_NTASKS", name)
+    # The step's task count: a step may use fewer tasks than the job (srun -n1 in a 4-task job).
+    step_tasks = environ.get("SLURM_STEP_NUM_TASKS")
+    world_size = int(step_tasks) if step_tasks else _int(environ, "SLURM_NTASKS", name)
     return World(
         rank=_int(environ, "SLURM_PROCID", name),
         local_rank=int(environ.get("SLURM_LOCALID", "0")),
@@ -108,6 +111,14 @@ def _slurm(environ: Mapping[str, str]) -> World:
         restart_count=int(environ.get("SLURM_RESTART_COUNT", "0")),
         run_id=f"slurm-{job_id}",
     )
+
+
+def _slurm_batch(environ: Mapping[str, str]) -> World:
+    """A process started by the batch script itself (no srun): one process, a dev run that may
+    start local workers, but it keeps the job's identity so that a requeued job (same id,
+    SLURM_RESTART_COUNT + 1) finds its run dir and resumes."""
+    return World(run_id=f"slurm-{environ['SLURM_JOB_ID']}",
+                 restart_count=int(environ.get("SLURM_RESTART_COUNT", "0")))
 
 
 def _mpi(environ: Mapping[str, str]) -> World:
@@ -142,9 +153,19 @@ def detect(environ: Mapping[str, str] | None = None) -> World:
     if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "LOCAL_RANK" in environ):
         return _torchrun(environ)
     # A Slurm allocation alone (the body of an sbatch script, salloc) is not a task: only a
-    # task of an srun step (SLURM_STEP_ID) is one rank of the job.
+    # task of an srun step (SLURM_STEP_ID) is one rank of the job. Checked on a real Slurm
+    # 22.05: the batch script sees SLURM_PROCID=0 and SLURM_NTASKS (of the job) but no
+    # SLURM_STEP_ID; srun tasks see both plus SLURM_STEP_NUM_TASKS.
+    # Open MPI's mpirun inside a Slurm job starts its daemons with srun, so its ranks also
+    # carry the daemons' SLURM_PROCID/SLURM_STEP_ID: OMPI_COMM_WORLD_RANK (set only by mpirun
+    # before the program starts) is the truth then. PMI_RANK is also set for srun --mpi=pmi2
+    # tasks, where Slurm's own variables agree and need no mpi4py: it goes after Slurm.
+    if "OMPI_COMM_WORLD_RANK" in environ:
+        return _mpi(environ)
     if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
         return _slurm(environ)
-    if "OMPI_COMM_WORLD_RANK" in environ or "PMI_RANK" in environ:
+    if "PMI_RANK" in environ:
         return _mpi(environ)
+    if "SLURM_JOB_ID" in environ:
+        return _slurm_batch(environ)
     return World()

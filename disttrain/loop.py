@@ -8,7 +8,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from disttrain.data import timing
 from disttrain.metrics import Meter, TensorBoard
+from disttrain.observe.base import NullObserver
 from disttrain.progress import Progress
 from disttrain.strategies.base import Strategy
 
@@ -38,6 +40,11 @@ class LoopParts:
     device: torch.device
     #: polled once per step; True asks for a checkpoint and a clean stop (signals, issue hooks).
     stop_requested: Callable[[], bool] = lambda: False
+    #: called on every rank after every step with the logged fields (empty between logging
+    #: steps): validation, divergence check, sweep pruning (disttrain.trial); True stops cleanly.
+    after_step: Callable[[int, dict[str, float]], bool] = lambda step, fields: False
+    #: throughput, FLOPs/MFU, step-time split, memory, stragglers (disttrain.observe).
+    observer: Any = dataclasses.field(default_factory=NullObserver)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -56,21 +63,28 @@ def train(settings: LoopSettings, parts: LoopParts, start_step: int) -> int:
     step = start_step
     saved_at = start_step
     while step < settings.max_steps:
-        micro = [to_device(next(parts.batches), parts.device) for _ in range(settings.grad_accum_steps)]
+        parts.observer.before_step()
+        with timing.waited() as data_wait:  # time the loop stood waiting for input
+            micro = [to_device(next(parts.batches), parts.device) for _ in range(settings.grad_accum_steps)]
         stats = parts.strategy.train_step(micro, parts.loss_fn)
+        stats.extra["data_wait_s"] = data_wait.seconds
         parts.advance_data(settings.grad_accum_steps)
         step += 1
+        parts.observer.after_step(step, stats, micro)
         parts.meter.add(stats)
         logged = step % settings.log_every == 0 or step == settings.max_steps
         fields: dict[str, float] = {}
         if logged:
             fields = parts.meter.flush()
+            fields.update(parts.observer.flush(step))
+            timing.add_share_and_warn(step, fields)
             lr = current_lr(parts.strategy)
             if lr is not None:
                 fields["lr"] = lr
             parts.tensorboard.scalars(step, fields)
         parts.progress.update(step, fields, logged)
-        stop = parts.stop_requested()
+        pruned = parts.after_step(step, fields)
+        stop = parts.stop_requested() or pruned
         if stop or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
             parts.save(step)
             saved_at = step

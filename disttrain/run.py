@@ -10,13 +10,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from disttrain import builders, dist as dist_setup, env
+from disttrain.evaluate import split_from_config
+from disttrain.faults import Guard
 from disttrain.checkpoint import Checkpointer, CheckpointError, step_dirs
 from disttrain.logs import setup_logging
 from disttrain.loop import LoopParts, LoopSettings, train
 from disttrain.metrics import Meter, TensorBoard
+from disttrain.observe import build_observer
 from disttrain.progress import Progress
 from disttrain.rng import rng_state, seed_everything, set_rng_state
 from disttrain.strategies.base import SetupContext, Strategy
+from disttrain.trial import TrialMonitor
 
 log = logging.getLogger("disttrain")
 
@@ -31,7 +35,7 @@ def _agree_on_run_dir(run_dir: Path) -> Path:
 def _build_strategy(cfg: DictConfig, world: env.World, device, run_dir: Path) -> Strategy:
     strategy: Strategy = instantiate(cfg.strategy)
     strategy.setup(SetupContext(
-        world=world, device=device, build_model=builders.model_builder(cfg),
+        world=world, device=device, build_model=builders.model_builder(cfg, run_dir),
         build_optimizer=builders.optimizer_builder(cfg), build_scheduler=builders.scheduler_builder(cfg),
         cfg=cfg, run_dir=run_dir,
     ))
@@ -47,7 +51,7 @@ def _restore(cfg: DictConfig, checkpointer: Checkpointer, strategy: Strategy, sa
     if directory is None:
         return 0
     state = strategy.state_dict()
-    extra = checkpointer.load(directory, state)
+    extra = checkpointer.load(directory, state, native=strategy)
     strategy.load_state_dict(state)
     sampler.load_state_dict(extra["sampler"])
     set_rng_state(extra["rng"])
@@ -75,7 +79,7 @@ def run_rank(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.trainer.seed + world.rank)
     strategy = _build_strategy(cfg, world, device, run_dir)
-    dataset = builders.build_dataset(cfg)
+    dataset, val_set = split_from_config(cfg, builders.build_dataset(cfg))  # data.val_fraction held out
     loader, sampler = builders.build_loader(cfg, dataset, strategy.data_shard())
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
     checkpointer.clean_partial()
@@ -83,7 +87,7 @@ def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dic
 
     def save(step: int) -> None:
         extra = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
-        path = checkpointer.save(step, strategy.state_dict(), extra)
+        path = checkpointer.save(step, strategy.state_dict(), extra, native=strategy)
         log.info("checkpoint saved: %s", path)
 
     meter = Meter(device)
@@ -94,15 +98,21 @@ def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dic
     parts = LoopParts(strategy=strategy, batches=iter(loader), advance_data=sampler.advance,
                       loss_fn=builders.build_loss(cfg), save=save, meter=meter, tensorboard=tensorboard,
                       progress=progress, device=device)
+    monitor = TrialMonitor(cfg, strategy, val_set, parts.loss_fn, device, tensorboard, run_dir, world.rank, start)
+    parts.after_step = monitor.after_step  # validation, divergence stop, sweep pruning
+    parts.observer = build_observer(cfg, world, device, run_dir, strategy, tensorboard,
+                                    builders.model_builder(cfg), parts.loss_fn)  # MFU, comm, stragglers
+    guard = Guard(cfg, world, run_dir, device, checkpointer).wrap(parts, start)  # signals, hangs
     log.info("training %s on %d rank(s) (%s, %s) from step %d to %d; run dir %s", type(strategy).__name__,
              world.world_size, world.launcher, device, start, cfg.trainer.max_steps, run_dir)
     try:
         last = train(settings, parts, start)
     finally:
+        guard.finish()
         progress.close()
         tensorboard.close()
         strategy.close()
     if world.rank == 0:
         log.info("done at step %d. checkpoints: %s  tensorboard: %s", last, run_dir / "checkpoints",
                  run_dir / "tensorboard")
-    return {"step": last, "run_dir": str(run_dir)}
+    return {"step": last, "run_dir": str(run_dir), **monitor.summary()}

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from disttrain import precision
 from disttrain.env import World
 
 Batch = Sequence[torch.Tensor]  # (inputs, targets)
@@ -54,6 +55,10 @@ class Strategy(abc.ABC):
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     world: World
+    #: steps between the loop's job-wide polls for a stop request (an all-reduce). 1 for
+    #: synchronous strategies; asynchronous ones (param_server) raise it so that per-step
+    #: polling does not re-synchronise workers that may run ahead of each other.
+    stop_check_every: int = 1
 
     @classmethod
     def validate(cls, cfg: DictConfig, world_size: int) -> None:
@@ -77,6 +82,7 @@ class Strategy(abc.ABC):
         state = {"model": model_sd, "optim": optim_sd}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
+        state.update(precision.strategy_state(self))  # fp16 loss-scaler state, when there is one
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -86,6 +92,7 @@ class Strategy(abc.ABC):
                        optim_state_dict=state["optim"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
+        precision.load_strategy_state(self, state)
 
     def close(self) -> None:
         """Release resources (threads, servers); called once after training."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch.nn.parallel import DistributedDataParallel
 
+from disttrain import precision
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate
 
 
@@ -22,10 +23,11 @@ class DDP(Strategy):
         self.model = DistributedDataParallel(module, device_ids=device_ids, **self.ddp_kwargs)
         self.optimizer = ctx.build_optimizer(self.model.parameters())
         self.scheduler = ctx.build_scheduler(self.optimizer)
+        self.precision = precision.from_context(ctx)
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = accumulate(self.model, micro_batches, loss_fn, no_sync=self.model.no_sync)
-        self.optimizer.step()
-        self.scheduler.step()
-        return StepStats(loss=loss, samples=sum(len(b[0]) for b in micro_batches))
+        loss = accumulate(self.model, micro_batches, loss_fn, no_sync=self.model.no_sync,
+                          autocast=self.precision.autocast, scale=self.precision.scale)
+        extra = self.precision.step(self.optimizer, self.scheduler)  # skips fp16 overflow steps
+        return StepStats(loss=loss, samples=sum(len(b[0]) for b in micro_batches), extra=extra)

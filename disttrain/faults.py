@@ -1,0 +1,135 @@
+"""Fault tolerance around the training loop, wired in by ``disttrain.run`` in three calls:
+``Guard(...)``, ``guard.wrap(parts)``, ``guard.finish()``.
+
+* preemption: ``fault.requeue_signal`` (USR1) and SIGTERM stop every rank after the same
+  step, save a checkpoint (``fault.save_on_signal``) and requeue a Slurm job;
+* hang detection: a heartbeat per step phase, watched by ``disttrain.watchdog``;
+* the restart count (torchrun ``--max-restarts``, Slurm requeues) in TensorBoard;
+* debug faults for the tests (``fault.debug.*``): kill or stall one rank at a chosen step,
+  slow one checkpoint write, slow every step. They act only on a job's first attempt (restart count 0), so a
+  restarted job runs clean.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from omegaconf import DictConfig
+
+from disttrain import slurm
+from disttrain.env import World
+from disttrain.signals import StopSignal, parse_signal
+from disttrain.watchdog import Heartbeat, Watchdog
+
+log = logging.getLogger("disttrain")
+#: fraction of dist.timeout_s after which a rank without progress is reported: the report
+#: must come before the collective's own timeout turns the hang into an anonymous error.
+HANG_FRACTION = 0.9
+
+
+DEBUG_KEYS = {"kill_rank", "kill_step", "stall_rank", "stall_step", "slow_save_step", "save_delay_s", "step_delay_s"}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ValueError naming the bad ``fault.*`` key (called by ``config.validate``)."""
+    fault = cfg.get("fault") or {}
+    parse_signal(fault.get("requeue_signal", "USR1"))
+    if str(fault.get("requeue", "auto")) not in ("auto", "never"):
+        raise ValueError(f"fault.requeue={fault.get('requeue')!r} must be auto or never.")
+    hang = fault.get("hang_timeout_s")
+    if hang is not None and (not isinstance(hang, (int, float)) or hang <= 0):
+        raise ValueError(f"fault.hang_timeout_s={hang!r} must be a number of seconds > 0, or null "
+                         "(= 0.9 * dist.timeout_s).")
+    unknown = set(fault.get("debug") or {}) - DEBUG_KEYS
+    if unknown:
+        raise ValueError(f"fault.debug.{sorted(unknown)[0]} is not a debug setting; known: {sorted(DEBUG_KEYS)}.")
+
+
+class Guard:
+    """Signals, watchdog and debug faults for one rank of one job."""
+
+    def __init__(self, cfg: DictConfig, world: World, run_dir: Path, device, checkpointer=None):
+        fault = cfg.get("fault") or {}
+        self.world, self.checkpointer = world, checkpointer
+        self.debug: dict[str, Any] = dict(fault.get("debug") or {}) if world.restart_count == 0 else {}
+        self.requeue = str(fault.get("requeue", "auto"))
+        self.stop_signal = None
+        if fault.get("save_on_signal", True):
+            sigs = [parse_signal(fault.get("requeue_signal", "USR1")), signal.SIGTERM]
+            self.stop_signal = StopSignal(sigs, device).install()
+        self.heartbeat = Heartbeat()
+        self.watchdog = None
+        if fault.get("watchdog", True):
+            deadline = float(fault.get("hang_timeout_s") or HANG_FRACTION * float(cfg.dist.timeout_s))
+            self.watchdog = Watchdog(self.heartbeat, world.rank, world.world_size, run_dir, deadline)
+        self.step = 0
+        self.saved_on_stop = False  # requeue only a job whose stop checkpoint is safely written
+
+    def wrap(self, parts, start_step: int) -> "Guard":
+        """Hook this guard into the loop's parts (batches, save, stop_requested)."""
+        self.step = start_step
+        self.stop_check_every = getattr(parts.strategy, "stop_check_every", 1)
+        self.heartbeat.enter("between steps", start_step + 1)
+        parts.batches = self._batches(parts.batches)
+        parts.save = self._save(parts.save)
+        parts.stop_requested = self._stop_requested
+        parts.tensorboard.scalars(start_step, {"restart_count": float(self.world.restart_count)}, prefix="fault")
+        if self.watchdog is not None:
+            self.watchdog.start()
+        return self
+
+    def _batches(self, batches: Iterator[Any]) -> Iterator[Any]:
+        while True:
+            self.heartbeat.enter("data loader")
+            self._maybe_stall()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            self.heartbeat.enter("train_step (forward/backward/collectives)")
+            yield batch
+
+    def _save(self, save: Callable[[int], None]) -> Callable[[int], None]:
+        def guarded(step: int) -> None:
+            self.heartbeat.enter("checkpoint save")
+            slow = self.debug.get("slow_save_step") == step and self.checkpointer is not None
+            if slow:  # widen the window in which a kill lands inside the write
+                self.checkpointer.write_delay_s = float(self.debug.get("save_delay_s", 30))
+            try:
+                save(step)
+            finally:
+                if slow:
+                    self.checkpointer.write_delay_s = 0.0
+            self.saved_on_stop = self.stop_signal is not None and self.stop_signal.stopped
+        return guarded
+
+    def _stop_requested(self) -> bool:
+        self.step += 1
+        if self.debug.get("kill_step") == self.step and self.debug.get("kill_rank") == self.world.rank:
+            log.warning("fault.debug: SIGKILL to rank %d at step %d", self.world.rank, self.step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.debug.get("step_delay_s"):  # a slow step: time for a test to signal mid-run
+            time.sleep(float(self.debug["step_delay_s"]))
+        self.heartbeat.enter("stop-signal all-reduce", self.step)
+        every = max(1, int(getattr(self, "stop_check_every", 1)))  # the strategy's (param_server: log_every)
+        stop = self.stop_signal.agreed() if self.stop_signal is not None and self.step % every == 0 else False
+        self.heartbeat.enter("between steps", self.step + 1)
+        return stop
+
+    def _maybe_stall(self) -> None:
+        if self.debug.get("stall_step") == self.heartbeat.step and self.debug.get("stall_rank") == self.world.rank:
+            log.warning("fault.debug: rank %d stalls in the data loader at step %d", self.world.rank, self.heartbeat.step)
+            while True:  # a deadlocked loader: never returns; the watchdog must catch it
+                time.sleep(1)
+
+    def finish(self) -> None:
+        """After the loop: stop watching, restore signal handlers, requeue if a signal stopped us."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.stop_signal is not None:
+            self.stop_signal.restore()
+        if self.saved_on_stop and self.world.rank == 0 and self.requeue == "auto" and slurm.job_id():
+            slurm.requeue()

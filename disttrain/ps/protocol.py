@@ -1,0 +1,69 @@
+"""The wire format between workers and servers, and how parameters are split over servers.
+
+Every message starts with a fixed-size float64 header (so a server can post one receive
+per worker without knowing what comes next); a push is followed by one flat gradient
+buffer, a parameter reply is a version scalar plus one flat parameter buffer. Distinct
+tags keep the streams apart on one pair of ranks. float64 holds the integer fields
+exactly (up to 2**53) and the loss without an extra message.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+PULL, PUSH, BYE = 1, 2, 3
+TAG_HEADER, TAG_GRAD, TAG_VERSION, TAG_PARAMS = 101, 102, 103, 104
+HEADER_LEN = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """kind: PULL (send me parameters), PUSH (a gradient) or BYE (this worker is done)."""
+
+    kind: int
+    clock: int = 0            # pushes this worker has sent in this session
+    pulled_version: int = -1  # server version the gradient was computed on
+    loss: float = 0.0         # the worker's loss for this gradient (logged by the server)
+
+    def pack(self) -> torch.Tensor:
+        return torch.tensor([self.kind, self.clock, self.pulled_version, self.loss], dtype=torch.float64)
+
+    @classmethod
+    def unpack(cls, buf: torch.Tensor) -> "Header":
+        kind, clock, version, loss = buf.tolist()
+        return cls(int(kind), int(clock), int(version), float(loss))
+
+
+def plan_shards(sizes: Sequence[int], num_servers: int) -> list[list[int]]:
+    """Assign parameter indices to servers, balanced by element count (largest first to
+    the least-loaded server: the classic greedy bound of 4/3 of optimal). Each server's
+    list keeps model order, so every rank derives the same flat layout."""
+    if num_servers < 1:
+        raise ValueError(f"num_servers={num_servers} must be >= 1")
+    loads = [0] * num_servers
+    owner = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        target = min(range(num_servers), key=lambda s: (loads[s], s))
+        owner[index] = target
+        loads[target] += sizes[index]
+    return [[i for i in range(len(sizes)) if owner[i] == s] for s in range(num_servers)]
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One contiguous CPU buffer (gloo point-to-point sends CPU tensors)."""
+    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy ``flat`` back into ``tensors`` (in place, any device)."""
+    chunks = flat.split([t.numel() for t in tensors])
+    with torch.no_grad():
+        for tensor, chunk in zip(tensors, chunks):
+            tensor.copy_(chunk.view_as(tensor))
+
+
+def flat_grads(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """Gradients as one buffer; a parameter that got no gradient contributes zeros."""
+    return flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])

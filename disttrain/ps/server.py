@@ -1,0 +1,196 @@
+"""A parameter server for one shard: receives pushes and pull requests from every
+worker, applies the optimizer, answers pulls when the staleness gate allows.
+
+Receiving runs on one thread per worker (a blocking receive from that worker, so a
+dead worker shows up as an error on exactly its thread); all state changes happen on
+the calling thread, inside ``serve_step``/``finish``, so no locks are needed.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from disttrain.ps import protocol
+from disttrain.ps.gate import StalenessGate
+from disttrain.ps.stats import ServerStats
+
+log = logging.getLogger("disttrain")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    max_staleness: int | None
+    staleness_lr: str      # "none" | "inverse": lr / (1 + staleness)
+    num_servers: int
+    num_workers: int
+
+
+class ShardServer:
+    """Owns ``params`` (its shard) and the optimizer over them; see the module docstring."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 group: Any, settings: ServerSettings, stats: ServerStats):
+        self.params, self.optimizer, self.group = list(params), optimizer, group
+        self.settings, self.stats = settings, stats
+        self.numel = sum(p.numel() for p in self.params)
+        self.dtype = self.params[0].dtype if self.params else torch.float32
+        self.gate = StalenessGate(settings.max_staleness)
+        self.live = set(range(settings.num_workers))
+        self.session_pushes = [0] * settings.num_workers
+        self.pulls: collections.deque[int] = collections.deque()
+        self.round: dict[int, tuple[torch.Tensor, int]] = {}
+        self.sends: list[tuple[list[Any], list[torch.Tensor], int]] = []
+        self.events: queue.Queue = queue.Queue()
+        self.threads = [threading.Thread(target=self._receive, args=(w,), daemon=True,
+                                         name=f"ps-recv-w{w}") for w in range(settings.num_workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def rank_of(self, worker: int) -> int:
+        return self.settings.num_servers + worker
+
+    # ---- receiving (one thread per worker) -------------------------------------------
+    def _receive(self, worker: int) -> None:
+        src = self.rank_of(worker)
+        try:
+            while True:
+                buf = torch.empty(protocol.HEADER_LEN, dtype=torch.float64)
+                dist.recv(buf, src=src, group=self.group, tag=protocol.TAG_HEADER)
+                header = protocol.Header.unpack(buf)
+                grad = None
+                if header.kind == protocol.PUSH:
+                    grad = torch.empty(self.numel, dtype=self.dtype)
+                    dist.recv(grad, src=src, group=self.group, tag=protocol.TAG_GRAD)
+                self.events.put((worker, header, grad))
+                if header.kind == protocol.BYE:
+                    return
+        except Exception as exc:  # the peer died or its connection broke
+            self.events.put((worker, None, exc))
+
+    # ---- serving (caller's thread) ---------------------------------------------------
+    def serve_step(self, target_pushes: int) -> None:
+        """Serve until every live worker has pushed ``target_pushes`` gradients in this
+        session: the loop's step on a server ends when the slowest worker's step does."""
+        while self.live and min(self.session_pushes[w] for w in self.live) < target_pushes:
+            self._next_event()
+
+    def finish(self) -> None:
+        """Serve until every worker has said goodbye (or died); then flush sends."""
+        while self.live:
+            self._next_event()
+        for works, _, worker in self.sends:
+            self._wait(works, worker)
+        self.sends.clear()
+        self.stats.close()
+
+    def _next_event(self) -> None:
+        try:
+            worker, header, payload = self.events.get(timeout=1.0)
+        except queue.Empty:
+            self._prune_sends()
+            return
+        if header is None:
+            self._lost(worker, payload)
+        elif header.kind == protocol.PUSH:
+            self._on_push(worker, header, payload)
+        elif header.kind == protocol.PULL:
+            self.pulls.append(worker)
+        elif header.kind == protocol.BYE:
+            self.live.discard(worker)
+            self.gate.forget(worker)
+        self._apply_round_if_complete()
+        self._grant_pulls()
+        self._prune_sends()
+
+    def _on_push(self, worker: int, header: protocol.Header, grad: torch.Tensor) -> None:
+        self.stats.push_received(worker, header.loss)
+        self.session_pushes[worker] += 1
+        staleness = self.stats.version - header.pulled_version
+        self.gate.pushed(worker)
+        if self.gate.synchronous:
+            self.round[worker] = (grad, staleness)
+        else:
+            # Each push is its own update; 1/num_workers keeps one round of N pushes as
+            # large as one synchronous step, so optim.lr means the same for every bound.
+            self._apply(grad.div_(self.settings.num_workers), [staleness])
+
+    def _apply_round_if_complete(self) -> None:
+        if not self.round or any(w not in self.round for w in self.live):
+            return
+        order = sorted(self.round)  # fixed summation order: bitwise-reproducible runs
+        total = self.round[order[0]][0].clone()
+        for worker in order[1:]:
+            total += self.round[worker][0]
+        self._apply(total.div_(len(order)), [self.round[w][1] for w in order])
+        self.round.clear()
+        self.gate.round_applied()
+
+    def _apply(self, grad: torch.Tensor, staleness: list[int]) -> None:
+        for param, chunk in zip(self.params, grad.split([p.numel() for p in self.params])):
+            param.grad = chunk.view_as(param).to(param.device)
+        factor = 1.0 / (1 + max(staleness)) if self.settings.staleness_lr == "inverse" else 1.0
+        saved = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+        self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, saved):
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stats.record_update(staleness, self.settings.max_staleness)
+
+    def _grant_pulls(self) -> None:
+        waiting: collections.deque[int] = collections.deque()
+        while self.pulls:
+            worker = self.pulls.popleft()
+            if worker not in self.live:
+                continue
+            if self.gate.may_grant(worker, self.stats.version):
+                self.gate.granted(worker, self.stats.version)
+                self._send_params(worker)
+            else:
+                waiting.append(worker)
+        self.pulls = waiting
+
+    def _send_params(self, worker: int) -> None:
+        version = torch.tensor([self.stats.version], dtype=torch.int64)
+        flat = protocol.flatten(self.params).to(self.dtype)
+        dst = self.rank_of(worker)
+        try:
+            works = [dist.isend(version, dst=dst, group=self.group, tag=protocol.TAG_VERSION),
+                     dist.isend(flat, dst=dst, group=self.group, tag=protocol.TAG_PARAMS)]
+        except Exception as exc:
+            self._lost(worker, exc)
+            return
+        self.sends.append((works, [version, flat], worker))
+
+    def _prune_sends(self) -> None:
+        pending = []
+        for works, buffers, worker in self.sends:
+            if all(w.is_completed() for w in works):
+                self._wait(works, worker)
+            else:
+                pending.append((works, buffers, worker))
+        self.sends = pending
+
+    def _wait(self, works: list[Any], worker: int) -> None:
+        try:
+            for work in works:
+                work.wait()
+        except Exception as exc:
+            self._lost(worker, exc)
+
+    def _lost(self, worker: int, exc: BaseException) -> None:
+        if worker not in self.live:
+            return
+        self.live.discard(worker)
+        self.gate.forget(worker)
+        log.warning("ps server %d: worker %d (rank %d) is gone (%s); going on with %d worker(s)",
+                    self.stats.server, worker, self.rank_of(worker), str(exc).splitlines()[0][:200],
+                    len(self.live))

@@ -1,0 +1,178 @@
+"""Asynchronous parameter-server data parallelism with bounded staleness.
+
+Ranks ``0..num_servers-1`` are servers: each holds a shard of the parameters (balanced by
+size) and applies the run's optimizer and scheduler to it. The other ranks are workers:
+they pull the parameters, compute gradients on their own data shard and push them,
+without waiting for each other beyond the staleness bound (see ``disttrain.ps.gate``).
+
+How this fits the loop, which calls ``train_step`` on every rank and runs collectives
+(the meter's all-reduce on logging steps, checkpoint saves) on all ranks:
+
+* a worker's step = wait for its parameters, forward/backward, push; it returns as soon
+  as the push is posted, so fast workers run ahead of slow ones within the bound;
+* a server's step = serve pushes and pulls (from any worker, for any step) until every
+  live worker has pushed that step's gradient; so servers reach each collective right
+  after the slowest worker, and at a checkpoint every gradient up to that step has been
+  applied (the saved state is exact, and a resumed run continues from it);
+* hence logging and checkpoint steps are the synchronisation points: between them,
+  workers are free within ``max_staleness``. A larger ``trainer.log_every`` gives more
+  asynchrony; with a consistently slow worker every worker still does ``max_steps`` steps.
+
+Traffic runs on its own gloo group (plain point-to-point, not torch.distributed.rpc: it is
+in maintenance mode, needs a second rendezvous and its own thread pools, while gloo
+isend/irecv on a sub-group reuses the job's store and never mixes with the loop's
+collectives).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from disttrain.ps import protocol
+from disttrain.ps.server import ServerSettings, ShardServer
+from disttrain.ps.stats import ServerStats
+from disttrain.ps.worker import WorkerClient
+from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate
+
+log = logging.getLogger("disttrain")
+
+
+class ParamServer(Strategy):
+    """Servers hold and update parameters; workers compute gradients asynchronously."""
+
+    def __init__(self, num_servers: int = 1, max_staleness: int | None = 4, staleness_lr: str = "none",
+                 debug_slow_workers: Any = (), debug_delay_s: float = 0.0, comm_timeout_s: float = 86400.0):
+        self.num_servers, self.max_staleness = int(num_servers), max_staleness
+        self.staleness_lr = str(staleness_lr)
+        self.debug_slow_workers = {int(w) for w in (debug_slow_workers or ())}
+        self.debug_delay_s, self.comm_timeout_s = float(debug_delay_s), float(comm_timeout_s)
+        self.server: ShardServer | None = None
+        self.client: WorkerClient | None = None
+        self.steps = 0
+
+    @classmethod
+    def validate(cls, cfg: DictConfig, world_size: int) -> None:
+        from disttrain.ps.settings import check
+
+        check(cfg.strategy, world_size)
+
+    # ---- roles -----------------------------------------------------------------------
+    @property
+    def is_server(self) -> bool:
+        return self.world.rank < self.num_servers
+
+    @property
+    def num_workers(self) -> int:
+        return self.world.world_size - self.num_servers
+
+    def data_shard(self) -> tuple[int, int]:
+        """Workers split the data among themselves; servers read none of it (the loop
+        still fetches a batch per step on them, which they ignore)."""
+        if self.is_server:
+            return 0, 1
+        return self.world.rank - self.num_servers, self.num_workers
+
+    # ---- setup -----------------------------------------------------------------------
+    def setup(self, ctx: SetupContext) -> None:
+        from disttrain.ps.settings import check_world
+
+        self.world = ctx.world
+        check_world(self.num_servers, ctx.world.world_size)
+        self.model = ctx.build_model().to(ctx.device)
+        self.log_every = int(ctx.cfg.trainer.log_every)
+        # Poll for stop signals only on logging steps (the loop's sync points), not per step.
+        self.stop_check_every = self.log_every
+        names = [name for name, _ in self.model.named_parameters()]
+        params = list(self.model.parameters())
+        plan = protocol.plan_shards([p.numel() for p in params], self.num_servers)
+        self._check_plan(params, plan)  # on every rank, before any communication
+        # Every rank creates the group (a collective), servers and workers alike.
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.comm_timeout_s))
+        if self.is_server:
+            self.owned = [names[i] for i in plan[self.world.rank]]
+            self._setup_server(ctx, [params[i] for i in plan[self.world.rank]])
+        else:
+            self.client = WorkerClient([(s, [params[i] for i in plan[s]]) for s in range(self.num_servers)], self.group)
+
+    def _check_plan(self, params: list[torch.nn.Parameter], plan: list[list[int]]) -> None:
+        if len({p.dtype for p in params}) > 1:
+            raise ValueError("strategy=param_server sends each shard as one flat buffer and needs one "
+                             f"parameter dtype; the model has {sorted({str(p.dtype) for p in params})}.")
+        if any(not shard for shard in plan):
+            raise ValueError(f"strategy.num_servers={self.num_servers} exceeds the model's {len(params)} "
+                             "parameter tensors (a server would hold nothing): lower strategy.num_servers.")
+
+    def _setup_server(self, ctx: SetupContext, shard: list[torch.nn.Parameter]) -> None:
+        for name, param in self.model.named_parameters():
+            if name not in self.owned:
+                param.requires_grad_(False)  # not ours: never stepped, never saved here
+        self.optimizer = ctx.build_optimizer(shard)
+        self.scheduler = ctx.build_scheduler(self.optimizer)
+        tb_dir = ctx.run_dir / "tensorboard" / f"ps_server{self.world.rank}"
+        self.stats = ServerStats(self.num_workers, self.world.rank, tb_dir)
+        settings = ServerSettings(self.max_staleness, self.staleness_lr, self.num_servers, self.num_workers)
+        self.server = ShardServer(shard, self.optimizer, self.group, settings, self.stats)
+        log.info("ps server %d: %d tensors, %d parameters; %d workers; max_staleness=%s staleness_lr=%s",
+                 self.world.rank, len(shard), sum(p.numel() for p in shard), self.num_workers,
+                 self.max_staleness, self.staleness_lr)
+
+    # ---- one step --------------------------------------------------------------------
+    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats:
+        self.steps += 1
+        if self.is_server:
+            return self._serve_step()
+        self.client.request_params()
+        self.client.wait_params()
+        self.model.zero_grad(set_to_none=True)
+        loss = accumulate(self.model, micro_batches, loss_fn)
+        if self.world.rank - self.num_servers in self.debug_slow_workers:
+            time.sleep(self.debug_delay_s)  # a straggler on purpose (tests, benchmarks)
+        self.client.push(float(loss))
+        return StepStats(loss=loss, samples=sum(len(b[0]) for b in micro_batches))
+
+    def _serve_step(self) -> StepStats:
+        self.server.serve_step(self.steps)  # session-relative: workers count pushes from 0 too
+        self.scheduler.step()
+        self.stats.totals["steps"] += 1
+        step = int(self.stats.totals["steps"])
+        if step % self.log_every == 0:
+            self.stats.log_interval(step)
+        return StepStats(loss=None, samples=0, extra=self.stats.step_extra())
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Servers: their shard under the original names (so load_model_state sees the
+        whole model), optimizer, scheduler and counters. Workers hold no state."""
+        if not self.is_server:
+            return {}
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        own = {name: model_sd[name] for name in self.owned}
+        return {"model": own, f"ps_server{self.world.rank}": {
+            "optim": optim_sd, "scheduler": self.scheduler.state_dict(), "counters": self.stats.totals}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.is_server:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        mine = state[f"ps_server{self.world.rank}"]
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=mine["optim"],
+                       options=StateDictOptions(strict=False))
+        self.scheduler.load_state_dict(mine["scheduler"])
+        for key, value in mine["counters"].items():
+            self.stats.totals[key].copy_(value)
+        log.info("ps server %d resumed at version %d", self.world.rank, self.stats.version)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.finish()
+        elif self.client is not None:
+            self.client.close()

@@ -1,0 +1,198 @@
+"""Pipeline parallelism through torch.distributed.pipelining: the model (an nn.Sequential)
+is cut into balanced stages, one (or ``stages_per_rank``) per pipeline rank, and a torch
+schedule (GPipe, 1F1B, interleaved 1F1B) runs the micro-batches; ``dist.dp`` replicas of
+the whole pipeline average their gradients once per optimizer step.
+
+Gradient scaling: torch's schedules divide gradients by the micro-batch count by default
+(``scale_grads=True``). We turn that off and divide each micro-batch loss by
+``micro_batches * grad_accum_steps`` instead, so the step's gradient is exactly the
+unsplit model's gradient of the mean loss over the replica's batch, with or without
+accumulation, and the summed micro-batch losses are that batch's mean loss.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from disttrain.parallel import mesh as mesh_mod, split
+from disttrain.parallel.timing import BusyClock, stage_report, theory_bubble
+from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy
+
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+def _balance_value(balance: Any) -> Any:
+    return list(balance) if isinstance(balance, (list, tuple, ListConfig)) else balance
+
+
+class Pipeline(Strategy):
+    """dp x pp: each pipeline rank holds its stage(s); the last stage computes the loss."""
+
+    def __init__(self, micro_batches: int = 4, schedule: str = "1f1b", stages_per_rank: int = 1,
+                 balance: Any = "params"):
+        self.micro_batches, self.schedule_name = micro_batches, schedule
+        self.stages_per_rank, self.balance = stages_per_rank, _balance_value(balance)
+        self.last_report: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- validation
+    @classmethod
+    def validate(cls, cfg: DictConfig, world_size: int) -> None:
+        degrees = mesh_mod.resolve_degrees(cfg, world_size, split_axis="pp")
+        if degrees.tp != 1:
+            raise ValueError(f"dist.tp={degrees.tp}: strategy=pipeline combines only dist.dp and dist.pp; "
+                             "use strategy=model_parallel strategy.mode=tensor for tensor parallelism.")
+        s = cfg.strategy
+        check_pipeline_settings(s.micro_batches, s.schedule, s.stages_per_rank, degrees.pp,
+                                cfg.data.batch_size, "strategy.")
+        blocks = build_blocks(cfg)
+        stages = degrees.pp * s.stages_per_rank
+        if stages > len(blocks):
+            raise ValueError(f"dist.pp={degrees.pp} x strategy.stages_per_rank={s.stages_per_rank} = {stages} "
+                             f"stages but the model has only {len(blocks)} layers: use fewer stages or a deeper model.")
+        check_balance(blocks, _balance_value(s.balance), degrees.pp, stages)
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self, ctx: SetupContext) -> None:
+        self.world, self.device = ctx.world, ctx.device
+        self.degrees = mesh_mod.resolve_degrees(ctx.cfg, ctx.world.world_size, split_axis="pp")
+        self.mesh = mesh_mod.build_mesh(self.degrees, ctx.device, ("dp", "pp"))
+        self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
+        self.pp_rank, self.dp_rank = self.mesh.get_local_rank("pp"), self.mesh.get_local_rank("dp")
+        num_stages = self.degrees.pp * self.stages_per_rank
+        blocks = split.blocks_of(ctx.build_model())
+        counts = split.stage_counts(blocks, num_stages, self.balance, lambda: self._sample(ctx),
+                                    self._agree)
+        split.check_ranks_hold_parameters(blocks, counts, self.degrees.pp)
+        # Stage s lives on pipeline rank s % pp (the looped placement interleaving expects).
+        self.stage_ids = [self.pp_rank + j * self.degrees.pp for j in range(self.stages_per_rank)]
+        modules = [split.stage_module(blocks, counts, s).to(ctx.device) for s in self.stage_ids]
+        self.model = split.union(modules)
+        self.stages = [PipelineStage(m, s, num_stages, ctx.device, group=self.pp_group)
+                       for m, s in zip(modules, self.stage_ids)]
+        self.clock = BusyClock()
+        for stage in self.stages:
+            self.clock.watch(stage)
+        self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
+        self.schedule = self._make_schedule()
+        self.optimizer = ctx.build_optimizer(self.model.parameters())
+        self.scheduler = ctx.build_scheduler(self.optimizer)
+        self.counts = counts
+
+    def _make_schedule(self):
+        cls = SCHEDULES[self.schedule_name]
+        stages = self.stages if self.schedule_name == "interleaved_1f1b" else self.stages[0]
+        return cls(stages, n_microbatches=self.micro_batches, loss_fn=self._micro_loss, scale_grads=False)
+
+    def _sample(self, ctx: SetupContext) -> torch.Tensor:
+        from disttrain import builders
+
+        dataset = builders.build_dataset(ctx.cfg)
+        size = max(1, ctx.cfg.data.batch_size // self.micro_batches)
+        return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(size)]).to(ctx.device)
+
+    def _agree(self, weights: list[float]) -> list[float]:
+        """Average measured layer times over all ranks: every rank must choose the same split."""
+        import torch.distributed as dist
+
+        t = torch.tensor(weights, dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        return t.tolist()
+
+    # ---------------------------------------------------------------- training
+    def _micro_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._loss_fn(output, target) * self._loss_scale
+
+    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss_fn, self._loss_scale = loss_fn, 1.0 / (self.micro_batches * len(micro_batches))
+        total = torch.zeros((), device=self.device) if self.is_last else None
+        start = time.perf_counter()
+        for inputs, targets in micro_batches:
+            losses: list[torch.Tensor] = []
+            args = (inputs,) if self.is_first else ()
+            self.schedule.step(*args, target=targets if self.is_last else None,
+                               losses=losses if self.is_last else None, return_outputs=False)
+            if self.is_last:
+                total += torch.stack([l.detach().float() for l in losses]).sum()
+        wall = time.perf_counter() - start
+        mesh_mod.average_gradients(list(self.model.parameters()), self.dp_group, self.degrees.dp)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.last_report = stage_report(self.clock.take(), wall, self.pp_group, self._theory())
+        samples = sum(len(b[0]) for b in micro_batches) if self.is_last else 0
+        return StepStats(loss=total, samples=samples, extra=dict(self.last_report))
+
+    def _theory(self) -> float:
+        chunks = self.stages_per_rank if self.schedule_name == "interleaved_1f1b" else 1
+        return theory_bubble(self.degrees.pp, self.micro_batches, chunks)
+
+    # Stages hold different parameters under the same optimizer keys ("param_groups.0"):
+    # checkpoint writers deduplicate equal keys across ranks, so the optimizer state is
+    # flattened to per-parameter keys ("param_groups.<fqn>.lr"), unique to the owning stage.
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=_FLAT)
+        return {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=_FLAT)
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def data_shard(self) -> tuple[int, int]:
+        # All stages of one replica must see the same batch (the first feeds inputs, the
+        # last reads targets), so the shard is the data-parallel coordinate only.
+        return self.dp_rank, self.degrees.dp
+
+
+def check_pipeline_settings(micro_batches: Any, schedule: Any, stages_per_rank: Any, pp: int,
+                            batch_size: int, prefix: str) -> None:
+    """The schedule's own preconditions, named by config key, before any worker starts."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{prefix}schedule={schedule!r} must be one of {', '.join(SCHEDULES)}.")
+    if not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"{prefix}micro_batches={micro_batches!r} must be an integer >= 1.")
+    if not isinstance(stages_per_rank, int) or stages_per_rank < 1:
+        raise ValueError(f"{prefix}stages_per_rank={stages_per_rank!r} must be an integer >= 1.")
+    if batch_size % micro_batches:
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by {prefix}micro_batches="
+                         f"{micro_batches}: choose a batch size that is a multiple of the micro-batch count.")
+    if stages_per_rank > 1 and schedule != "interleaved_1f1b":
+        raise ValueError(f"{prefix}stages_per_rank={stages_per_rank} needs {prefix}schedule=interleaved_1f1b "
+                         "(GPipe and 1F1B run one stage per rank).")
+    if schedule == "1f1b" and micro_batches < pp:
+        raise ValueError(f"{prefix}micro_batches={micro_batches} < dist.pp={pp}: 1F1B needs at least one "
+                         f"micro-batch per stage; raise {prefix}micro_batches or use {prefix}schedule=gpipe.")
+    if schedule == "interleaved_1f1b":
+        rounds = max(1, micro_batches // pp)
+        if micro_batches % rounds:
+            raise ValueError(f"{prefix}micro_batches={micro_batches} must be a multiple of dist.pp={pp} "
+                             "(or smaller than it) for the interleaved 1F1B schedule.")
+
+
+def check_balance(blocks: list, balance: Any, ranks: int, stages: int) -> None:
+    """strategy.balance is well formed and (where the split is known before training) gives
+    every pipeline rank some parameters."""
+    if isinstance(balance, str) and balance not in ("params", "time"):
+        raise ValueError(f"strategy.balance={balance!r} must be 'params', 'time' or a list of layer counts.")
+    if balance == "time":
+        return  # measured on the workers; setup checks the result
+    counts = split.stage_counts(blocks, stages, balance)
+    split.check_ranks_hold_parameters(blocks, counts, ranks)
+
+
+def build_blocks(cfg: DictConfig) -> list:
+    """Build the model once (cheap for models that fit one process) to see its blocks."""
+    from hydra.utils import instantiate
+
+    return split.blocks_of(instantiate(OmegaConf.to_container(cfg.model, resolve=True)))

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# disttrain under torchrun (torch's elastic launcher). Every argument is a Hydra override.
+#
+#   launch/torchrun.sh strategy=ddp trainer.max_steps=1000            # one node
+#   NPROC_PER_NODE=4 MAX_RESTARTS=3 launch/torchrun.sh strategy=ddp    # restart failed workers
+#   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29400 launch/torchrun.sh  # on each node (NODE_RANK 0, 1)
+#
+# Variables: NPROC_PER_NODE (default "auto": one per GPU, else one per CPU), NNODES (1),
+# RDZV_ENDPOINT (host:port of the rendezvous, needed when NNODES > 1), RDZV_ID (job name),
+# MAX_RESTARTS (0), PYTHON (python). Rank/world/master come to disttrain through torchrun's
+# own variables (disttrain/env.py); nothing else is set here. A restarted worker group
+# resumes from the newest complete checkpoint of the same run dir: to resume across two
+# separate invocations, give the same hydra.run.dir (with --standalone every invocation is
+# a new run id, hence a new default run dir).
+set -euo pipefail
+
+args=(--nproc-per-node="${NPROC_PER_NODE:-auto}" --max-restarts="${MAX_RESTARTS:-0}")
+if [ "${NNODES:-1}" = 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
+    args+=(--standalone)          # a free port on this host: never a fixed 29500 on shared machines
+else
+    args+=(--nnodes="${NNODES:?}" --rdzv-backend=c10d --rdzv-endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port}"
+           --rdzv-id="${RDZV_ID:-disttrain}")
+fi
+exec "${PYTHON:-python}" -m torch.distributed.run "${args[@]}" -m disttrain "$@"

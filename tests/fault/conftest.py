@@ -1,0 +1,5 @@
+"""The fault tests share the launch tests' helpers (tests/launch/launch_helpers.py)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))

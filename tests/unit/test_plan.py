@@ -1,0 +1,89 @@
+"""The planner: ZeRO memory equals the paper's formulas, the step-time model is the
+stated one, and `disttrain plan` prints a table that marks what does not fit."""
+import subprocess
+import sys
+
+import pytest
+
+from disttrain import plan_model as pm
+from disttrain.plan import parse_bandwidth, parse_bytes
+
+FACTS = pm.ModelFacts(params=1_000_000, linear_params=900_000, flops_per_sample=6e6, act_bytes_per_sample=1e4,
+                      boundary_bytes_per_sample=2e3, blocks=4)
+MACHINE = pm.Machine(nproc=4, device_memory=20e6, bandwidth=1e9, latency=1e-5, peak_flops=1e11, efficiency=0.5)
+WORK = pm.Workload(batch=32, accum=2, micro_batches=8, optim_bytes=8)
+
+
+def _by_name(preds):
+    return {p.strategy.split(" m=")[0]: p for p in preds}
+
+
+@pytest.mark.parametrize("stage,expected", [(0, 4 + 4 + 8), (1, 4 + 4 + 8 / 4), (2, 4 + (4 + 8) / 4), (3, (4 + 4 + 8) / 4)])
+def test_zero_memory_equals_the_formulas(stage, expected):
+    psi, act = FACTS.params, FACTS.act_bytes_per_sample * WORK.batch
+    pred = _by_name(pm.predict_all(FACTS, MACHINE, WORK))["ddp" if stage == 0 else f"zero{stage}"]
+    assert pred.params_b + pred.grads_b + pred.optim_b == pytest.approx(expected * psi)
+    # plus transients: Adam's one fp32 temporary per (sharded) parameter, DDP's bucket rebuild
+    temp = 4 * psi / (4 if stage else 1) + (4 * psi if stage == 0 else 0)
+    assert pred.memory_b == pytest.approx(expected * psi + act + temp)
+
+
+def test_step_time_model():
+    preds = _by_name(pm.predict_all(FACTS, MACHINE, WORK))
+    compute = 6e6 * 64 / (1e11 * 0.5)
+    ring = 2 * 3 / 4 * 4e6 / 1e9 + 2 * 3 * 1e-5
+    assert preds["ddp"].compute_s == pytest.approx(compute)
+    assert preds["ddp"].comm_s == pytest.approx(ring)
+    assert preds["ddp"].step_s == pytest.approx(compute + ring)
+    assert preds["ddp"].samples_per_step == 4 * 64
+    assert preds["zero3"].comm_s == pytest.approx(1.5 * 2 * 3 / 4 * 4e6 / 1e9 + 2 * 3 * 1e-5)
+    pipe = preds["pipeline"]
+    assert pipe.bubble == pytest.approx(3 / (8 + 3))
+    assert pipe.step_s == pytest.approx(compute / 4 * (8 + 3) / 8 + pipe.comm_s)
+    assert preds["single (1 rank)"].comm_s == 0
+
+
+def test_marks_what_does_not_fit_and_recommends_a_fitting_one():
+    small = pm.Machine(**{**MACHINE.__dict__, "device_memory": 8e6})
+    preds = _by_name(pm.predict_all(FACTS, small, WORK))
+    assert not preds["ddp"].fits and "does not fit" in preds["ddp"].note
+    assert preds["zero3"].fits
+    best = pm.recommend(list(preds.values()))
+    assert best.fits and best.memory_b <= 8e6
+    assert pm.recommend(pm.predict_all(FACTS, pm.Machine(**{**MACHINE.__dict__, "device_memory": 1.0}), WORK)) is None
+
+
+def test_sizes_and_bandwidths_parse():
+    assert parse_bytes("80GB", "k") == 80e9
+    assert parse_bytes("24GiB", "k") == 24 * 2**30
+    assert parse_bandwidth("100Gbps", "k") == 12.5e9
+    assert parse_bandwidth("12GB/s", "k") == 12e9
+    with pytest.raises(ValueError, match="plan.device_memory"):
+        parse_bytes("lots", "plan.device_memory")
+
+
+def _plan(*overrides):
+    return subprocess.run([sys.executable, "-m", "disttrain", "plan", *overrides], capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_plan_command_marks_an_oversized_model():
+    proc = _plan("model.hidden=8192", "model.depth=8", "optim=adamw", "dist.nproc_per_node=8",
+                 "plan.device_memory=4GB", "plan.bandwidth=100Gbps", "plan.peak_flops=1e14", "plan.efficiency=0.4")
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
+    assert "470,097,921 parameters" in proc.stdout  # 8192x32 + 7 x 8192^2 + 8192 x 1 weights, plus biases
+    for name in ("ddp", "zero1", "param_server"):
+        assert " NO " in lines[name] and "does not fit" in lines[name]
+    for name in ("zero3", "tensor parallel"):
+        assert " yes " in lines[name]
+    # ZeRO-3 on 8 ranks: (4 + 4 + 8) x 470,097,921 / 8 bytes of model states = 940 MB (+ activations)
+    assert lines["zero3"].split()[1:4] == ["235", "MB", "235"]
+    assert "recommended:" in proc.stdout and "recommended: nothing" not in proc.stdout
+
+
+def test_plan_rejects_a_bad_size(capsys):
+    from disttrain.plan import main
+
+    code = main(["plan.device_memory=lots", "plan.bandwidth=1GB/s", "plan.peak_flops=1e12", "plan.efficiency=0.5"])
+    assert code == 2 and "plan.device_memory='lots'" in capsys.readouterr().err

@@ -1,0 +1,36 @@
+"""Parameter-server wire format and shard plan (no processes)."""
+import torch
+
+from disttrain.ps import protocol
+
+
+def test_header_round_trip_keeps_integers_and_loss():
+    header = protocol.Header(protocol.PUSH, clock=12345, pulled_version=2**40, loss=0.123456789)
+    assert protocol.Header.unpack(header.pack()) == header
+
+
+def test_shards_cover_every_parameter_once_and_balance_by_size():
+    sizes = [4096, 128, 16384, 128, 16384, 128, 128, 1]
+    plan = protocol.plan_shards(sizes, 2)
+    assert sorted(i for shard in plan for i in shard) == list(range(len(sizes)))
+    loads = [sum(sizes[i] for i in shard) for shard in plan]
+    assert max(loads) - min(loads) <= 4096  # the two big matrices land on different servers
+    assert all(shard == sorted(shard) for shard in plan)  # model order inside a shard
+
+
+def test_one_server_gets_everything():
+    assert protocol.plan_shards([3, 2, 1], 1) == [[0, 1, 2]]
+
+
+def test_flatten_and_unflatten_round_trip():
+    tensors = [torch.randn(3, 4), torch.randn(5)]
+    flat = protocol.flatten(tensors)
+    targets = [torch.zeros(3, 4), torch.zeros(5)]
+    protocol.unflatten_into(flat, targets)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, targets))
+
+
+def test_missing_gradient_is_sent_as_zeros():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    a.grad = torch.full((2,), 5.0)
+    assert protocol.flat_grads([a, b]).tolist() == [5.0, 5.0, 0.0, 0.0, 0.0]
