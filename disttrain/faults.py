@@ -49,10 +49,22 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"fault.debug.{sorted(unknown)[0]} is not a debug setting; known: {sorted(DEBUG_KEYS)}.")
 
 
+class SignalStop(RuntimeError):
+    """A stop signal ended an earlier job of this process: later sweep jobs must not start."""
+
+
+#: set once a signal stopped a job: the process is being preempted or shut down, so the next
+#: job of a Hydra multirun sweep fails at once instead of starting to train.
+_SIGNAL_STOPPED: list[str] = []
+
+
 class Guard:
     """Signals, watchdog and debug faults for one rank of one job."""
 
     def __init__(self, cfg: DictConfig, world: World, run_dir: Path, device, checkpointer=None):
+        if _SIGNAL_STOPPED:
+            raise SignalStop(f"{_SIGNAL_STOPPED[0]} stopped an earlier job of this sweep; not starting "
+                             f"{run_dir}. Re-run the sweep (same hydra.sweep.dir) to resume its jobs.")
         fault = cfg.get("fault") or {}
         self.world, self.checkpointer = world, checkpointer
         self.debug: dict[str, Any] = dict(fault.get("debug") or {}) if world.restart_count == 0 else {}
@@ -131,5 +143,7 @@ class Guard:
             self.watchdog.stop()
         if self.stop_signal is not None:
             self.stop_signal.restore()
+        if self.saved_on_stop:
+            _SIGNAL_STOPPED.append(self.stop_signal.received.name)
         if self.saved_on_stop and self.world.rank == 0 and self.requeue == "auto" and slurm.job_id():
             slurm.requeue()

@@ -18,7 +18,7 @@ args=(--nproc-per-node="${NPROC_PER_NODE:-auto}" --max-restarts="${MAX_RESTARTS:
 if [ "${NNODES:-1}" = 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
     args+=(--standalone)          # a free port on this host: never a fixed 29500 on shared machines
 else
-    args+=(--nnodes="${NNODES:?}" --rdzv-backend=c10d --rdzv-endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port}"
+    args+=(--nnodes="${NNODES:-1}" --rdzv-backend=c10d --rdzv-endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port}"
            --rdzv-id="${RDZV_ID:-disttrain}")
 fi
 exec "${PYTHON:-python}" -m torch.distributed.run "${args[@]}" -m disttrain "$@"

@@ -73,6 +73,7 @@ def _train(rank: int, world_size: int, names: list[str]):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # one 2-rank spawn; minutes only on a crowded machine
 def test_zero_stages_match_ddp_on_two_ranks():
     pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
@@ -97,6 +98,7 @@ def _initial():
     return builders.model_builder(_compose())().state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # two 2-rank CLI runs; minutes only on a crowded machine
 def test_deepspeed_checkpoint_resume_and_full_state(tmp_path):
     pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")

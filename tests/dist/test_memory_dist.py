@@ -64,6 +64,7 @@ def test_memory_levers_give_plain_ddp_gradients_on_two_ranks(tmp_path):
     assert results[0]["plain"][0] != results[1]["plain"][0]
 
 
+@pytest.mark.slow  # two 2-rank CLI runs
 @pytest.mark.timeout(600)
 def test_cli_ddp_with_checkpointing_and_disk_offload_trains_like_plain(tmp_path):
     common = ["dist.nproc_per_node=2", "trainer.max_steps=3", "metrics.peak_flops=1e12", "metrics.count_flops=false"]

@@ -1,6 +1,8 @@
 """strategy=param_server on real gloo processes (the real CLI, 3-4 ranks): synchronous
-equivalence, the staleness bound under a straggler, convergence, exact resume."""
+equivalence, the staleness bound under a straggler, exact resume, a killed worker, and
+convergence."""
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,13 +16,15 @@ from disttrain.data.sampler import ResumableBatchSampler
 from helpers import run_disttrain
 
 PS = ["strategy=param_server", "optim=sgd", "trainer.progress=log"]
-LOSS_THRESHOLD = 0.1  # MSE on the whole regression set; it starts near 0.3, ~0.03 after 200 steps
+LOSS_THRESHOLD = 0.1  # MSE on the whole regression set; it starts near 0.3, ~0.04 after 150 steps
 SYNC = PS + ["dist.nproc_per_node=3", "strategy.max_staleness=0", "trainer.max_steps=12",
              "checkpoint.every_steps=6", "trainer.log_every=6"]
 
 
 def counters(run_dir: Path, step: int, server: int = 0) -> dict:
-    loaded = _load_state_dict_from_keys(checkpoint_id=str(run_dir / "checkpoints" / f"step_{step:08d}"))
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is what we want
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = _load_state_dict_from_keys(checkpoint_id=str(run_dir / "checkpoints" / f"step_{step:08d}"))
     return {k: v.clone() for k, v in loaded[f"ps_server{server}"]["counters"].items()}
 
 
@@ -106,13 +110,27 @@ def test_straggler_never_makes_a_gradient_older_than_the_bound(tmp_path):
     assert {"ps/staleness_max", "ps/worker_loss", "ps/pushes_per_s/worker0"} <= set(board.Tags()["scalars"])
 
 
-def test_async_run_with_two_servers_converges(tmp_path):
-    """Fully asynchronous, lr scaled by staleness, parameters sharded over 2 servers:
-    the regression loss falls well below its starting value."""
-    run_dir = tmp_path / "run"
+def _logs(run_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in run_dir.rglob("*.log"))
+
+
+def test_async_two_servers_survive_a_killed_worker_and_converge(tmp_path):
+    """Fully asynchronous, lr scaled by staleness, parameters sharded over 2 servers.
+    SIGKILL to worker 1 (rank 3) at step 15: both servers notice and say so; the loop's
+    next collective fails, the elastic agent restarts the job (dist.max_restarts=1), which
+    resumes from the step-10 checkpoint (version 20) and finishes; the regression loss of
+    the final weights is well below its starting value (~0.3)."""
+    run_dir, steps = tmp_path / "run", 150
     run_disttrain(PS + ["dist.nproc_per_node=4", "strategy.num_servers=2", "strategy.max_staleness=null",
-                        "strategy.staleness_lr=inverse", "trainer.max_steps=200", "trainer.log_every=50",
-                        "checkpoint.every_steps=0"], run_dir, timeout=300)
+                        "strategy.staleness_lr=inverse", f"trainer.max_steps={steps}", "trainer.log_every=10",
+                        "checkpoint.every_steps=10", "dist.max_restarts=1", "+fault.debug.kill_rank=3",
+                        "+fault.debug.kill_step=15"], run_dir, timeout=400)
+    logs = _logs(run_dir)
+    assert "ps server 0: worker 1 (rank 3) is gone" in logs and "ps server 1: worker 1 (rank 3) is gone" in logs
+    assert "ps server 0 resumed at version 20" in logs and "ps server 1 resumed at version 20" in logs
+    for server in (0, 1):
+        count = counters(run_dir, steps, server)
+        assert int(count["version"]) == 2 * steps and int(count["steps"]) == steps
     cfg = OmegaConf.load(run_dir / ".hydra" / "resolved.yaml")
     model, dataset = builders.model_builder(cfg)(), builders.build_dataset(cfg)
     inputs, targets = dataset.tensors
@@ -120,24 +138,4 @@ def test_async_run_with_two_servers_converges(tmp_path):
         initial = torch.nn.functional.mse_loss(model(inputs), targets).item()
         model.load_state_dict(load_model_state(run_dir))
         final = torch.nn.functional.mse_loss(model(inputs), targets).item()
-    assert final < LOSS_THRESHOLD, (initial, final)
-    assert int(counters(run_dir, 200, 0)["version"]) == int(counters(run_dir, 200, 1)["version"]) == 400
-
-
-def _logs(run_dir: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in run_dir.rglob("*.log"))
-
-
-def test_a_killed_worker_is_reported_and_the_restarted_job_finishes(tmp_path):
-    """SIGKILL to worker 1 (rank 2) at step 15: the server notices and says so; the loop's
-    next collective fails, the elastic agent restarts the job (dist.max_restarts=1), which
-    resumes from the step-10 checkpoint (server version 20) and finishes."""
-    run_dir = tmp_path / "run"
-    run_disttrain(PS + ["dist.nproc_per_node=3", "dist.max_restarts=1", "+fault.debug.kill_rank=2",
-                        "+fault.debug.kill_step=15", "trainer.max_steps=30", "checkpoint.every_steps=10",
-                        "trainer.log_every=10"], run_dir, timeout=400)
-    logs = _logs(run_dir)
-    assert "worker 1 (rank 2) is gone" in logs
-    assert "ps server 0 resumed at version 20" in logs
-    count = counters(run_dir, 30)
-    assert int(count["version"]) == 60 and int(count["steps"]) == 30
+    assert final < LOSS_THRESHOLD < initial, (initial, final)

@@ -7,7 +7,8 @@ import sys
 import pytest
 from launch_helpers import TRAIN, assert_bitwise_equal, final_weights, reference_weights, run
 
-pytestmark = pytest.mark.slow  # real launchers, several process starts
+# Real launchers, several process starts each; generous timeout for a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def restart_counts(run_dir):

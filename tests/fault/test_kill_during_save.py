@@ -10,7 +10,8 @@ from launch_helpers import ROOT, TRAIN, kill_group, launch_env, wait_for
 
 from disttrain.checkpoint import Checkpointer, load_model_state, verify
 
-pytestmark = pytest.mark.slow  # real launchers, several process starts
+# Real launchers, several process starts each; generous timeout for a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):

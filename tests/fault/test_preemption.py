@@ -9,7 +9,8 @@ import pytest
 from launch_helpers import (MAX_STEPS, ROOT, TRAIN, assert_bitwise_equal, final_weights, kill_group, launch_env,
                             logged_step, reference_weights, run, wait_for, worker_pid)
 
-pytestmark = pytest.mark.slow  # real launchers, several process starts
+# Real launchers, several process starts each; generous timeout for a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def torchrun(run_dir, *extra):

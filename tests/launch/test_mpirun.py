@@ -4,7 +4,8 @@ import pytest
 from launch_helpers import (BIN, ROOT, TRAIN, assert_bitwise_equal, final_weights, launch_env,
                             reference_weights, run, torchrun_sweep_dir)
 
-pytestmark = pytest.mark.slow  # real launchers, several process starts
+# Real launchers, several process starts each; generous timeout for a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_mpirun_sweep_matches_torchrun_bitwise(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from launch_helpers import (MAX_STEPS, ROOT, TRAIN, assert_bitwise_equal, final_weights, launch_env,
                             logged_step, reference_weights, run, torchrun_sweep_dir, wait_for)
 
-pytestmark = pytest.mark.slow  # real launchers, several process starts
+# Real launchers, several process starts each; generous timeout for a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 CLUSTER = ROOT / "tests" / "launch" / "slurm_cluster.sh"
 

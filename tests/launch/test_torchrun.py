@@ -5,7 +5,8 @@ import pytest
 import torch
 from launch_helpers import MAX_STEPS, final_weights, torchrun_sweep_dir
 
-pytestmark = pytest.mark.slow  # real launchers, several process starts
+# Real launchers, several process starts each; generous timeout for a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_torchrun_multirun_runs_job_after_job():

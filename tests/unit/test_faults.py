@@ -46,3 +46,11 @@ def test_stack_dump_names_the_rank(tmp_path):
     watchdog = Watchdog(Heartbeat(), 2, 4, tmp_path, deadline_s=10)
     text = watchdog.dump_stacks().read_text()
     assert text.startswith("rank 2 ") and "test_stack_dump_names_the_rank" in text
+
+
+def test_after_a_signal_stop_no_further_sweep_job_starts(monkeypatch, tmp_path):
+    from disttrain.env import World
+
+    monkeypatch.setattr(faults, "_SIGNAL_STOPPED", ["SIGUSR1"])
+    with pytest.raises(faults.SignalStop, match="SIGUSR1 stopped an earlier job of this sweep"):
+        faults.Guard(OmegaConf.create({}), World(), tmp_path, None)

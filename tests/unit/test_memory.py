@@ -170,6 +170,7 @@ def test_bad_memory_settings_name_the_key(override, key):
         memory.validate(cfg)
 
 
+@pytest.mark.slow  # five fresh interpreters
 def test_peak_memory_is_lower_with_checkpointing_and_disk_offload():
     """24-block models, each variant in a fresh process (bench/memory.py --quick)."""
     sys.path.insert(0, str(ROOT / "bench"))

@@ -1,23 +1,20 @@
 """`disttrain report` on a real pipeline run dir: PNGs that decode at the right size and
 are not blank, and a timeline whose boxes are exactly the recorded events."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 
 from observe_runs import pipeline_run
 
-from disttrain.report import DPI, FIGSIZE, _figure, draw_timeline, load_timeline
+from disttrain.report import DPI, FIGSIZE, _figure, draw_timeline, load_timeline, main
 
 
-def test_report_writes_pictures(tmp_path):
+def test_report_writes_pictures(tmp_path, capsys):
     run_dir = pipeline_run()
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "disttrain", "report", str(run_dir), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert main([str(run_dir), "--out", str(out)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
     names = {p.name for p in out.glob("*.png")}
     assert names == {"loss.png", "throughput_mfu.png", "step_split.png", "timeline_pipeline.png"}
     for path in out.glob("*.png"):
@@ -50,7 +47,6 @@ def test_timeline_boxes_match_recorded_events():
         assert all(e["start"] >= last_f for e in mine if e["kind"] == "B")
 
 
-def test_report_rejects_a_dir_without_scalars(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "disttrain", "report", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "no TensorBoard scalars" in proc.stderr
+def test_report_rejects_a_dir_without_scalars(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no TensorBoard scalars" in capsys.readouterr().err
