@@ -26,7 +26,7 @@ def _kill_when(run_dir, checkpoint_name, timeout=240):
     """Start the dev run in its own process group; SIGKILL the whole group once the given
     checkpoint is committed (the run is then mid-way, later steps not yet saved)."""
     cmd = [sys.executable, "-m", "disttrain", *ARGS, f"hydra.run.dir={run_dir}", "trainer.progress=log",
-           "data.debug_delay_s=0.01"]
+           "data.debug_delay_s=0.003"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
