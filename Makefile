@@ -24,7 +24,7 @@ demo: setup
 		checkpoint.every_steps=100 hydra.run.dir=$(DEMO_DIR) checkpoint.resume=auto
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
