@@ -2,6 +2,7 @@
 survives elastic restarts and repeated initialisation in one process (Hydra multirun)."""
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import itertools
@@ -97,6 +98,40 @@ def init(world: World, backend: str = "auto", timeout_s: float = 300.0) -> torch
     return device
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+#: Process groups already destroyed, kept referenced until the interpreter exits (see teardown).
+_RETIRED: list = []
+
+
+@atexit.register
+def _release_retired() -> None:
+    """Free the retired groups while the interpreter is still whole (atexit runs first in
+    shutdown); left to finalization, a group's worker threads can outlive it (abort)."""
+    _RETIRED.clear()
+
+
+def teardown(clean: bool = True) -> None:
+    """Destroy the process group (after a clean finish, meet every rank at a barrier first).
+
+    The cause of a teardown deadlock this avoids (seen in 1 of 6 two-rank DDP runs; py-spy:
+    the main thread in ``std::thread::join`` inside ``~ProcessGroupGloo``, a gloo thread in
+    ``gil_scoped_acquire`` inside ``~AsyncAllreduceWork``): torch stashes a Python object (a
+    ``contextvars.Context``) in the thread-local state of every backward, and each collective
+    launched during backward (DDP's bucket all-reduces) captures that state. The gloo worker
+    thread drops the finished work a moment after completing it, and that decref needs the
+    GIL. The ProcessGroupGloo destructor joins its worker threads while holding the GIL; when
+    the last reference to the group goes right after the last backward (DDP's Reducer, freed
+    as the training function returns), both wait for each other forever and the peer that
+    already left never comes back.
+
+    So: (1) the barrier waits with the GIL released, after every rank's last collective,
+    giving the worker threads the GIL to drop their finished work; (2) the destroyed groups
+    stay referenced here, so no later dealloc on the training path (Reducer, strategy) runs
+    the destructor; it runs in an atexit hook, long after the worker threads went idle.
+    After a failure the barrier is skipped (a dead peer would hold it for the whole timeout).
+    """
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    _RETIRED.extend(dist.distributed_c10d._world.pg_map.keys())
+    dist.destroy_process_group()

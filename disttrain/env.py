@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import zlib
 from typing import Mapping
 
@@ -71,19 +70,14 @@ def _torchrun(environ: Mapping[str, str]) -> World:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list such as ``gpu[03-05,7],cpu1`` -> ``gpu03``.
+    """First host of a Slurm node list such as ``rack[1-2]-gpu[03-05,7],cpu1`` -> ``rack1-gpu03``.
 
     Parsed here (not with ``scontrol show hostnames``) because compute nodes do not
     always have the Slurm client tools on PATH inside containers.
     """
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise LauncherEnvError(f"cannot parse $SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = match.group(1), match.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    from disttrain.distributed.hostlist import first_host  # not at the top: hostlist imports this module
+
+    return first_host(nodelist)
 
 
 def slurm_port(job_id: str) -> int:

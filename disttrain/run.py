@@ -71,9 +71,12 @@ def run_rank(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if world.rank == 0:
             (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / ".hydra" / "resolved.yaml", resolve=True)
-        return _train_rank(cfg, world, device, run_dir)
-    finally:
-        dist_setup.teardown()
+        summary = _train_rank(cfg, world, device, run_dir)
+    except BaseException:
+        dist_setup.teardown(clean=False)
+        raise
+    dist_setup.teardown()
+    return summary
 
 
 def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from typing import Any, Sequence
 
 import torch
@@ -30,6 +31,12 @@ class ServerSettings:
     staleness_lr: str      # "none" | "inverse": lr / (1 + staleness)
     num_servers: int
     num_workers: int
+    #: debug (tests): workers whose pushes are held back until no other worker can make
+    #: progress, i.e. a straggler whose gradients reach the staleness bound by construction.
+    hold_workers: frozenset = frozenset()
+
+#: with a push held, a worker idle this long (no pull, nothing in flight) is parked at a sync point.
+_PARKED_S = 0.3
 
 
 class ShardServer:
@@ -48,6 +55,8 @@ class ShardServer:
         self.round: dict[int, tuple[torch.Tensor, int]] = {}
         self.sends: list[tuple[list[Any], list[torch.Tensor], int]] = []
         self.events: queue.Queue = queue.Queue()
+        self.held: dict[int, tuple[protocol.Header, torch.Tensor]] = {}
+        self.last_event = 0.0
         self.threads = [threading.Thread(target=self._receive, args=(w,), daemon=True,
                                          name=f"ps-recv-w{w}") for w in range(settings.num_workers)]
         for thread in self.threads:
@@ -83,7 +92,7 @@ class ShardServer:
 
     def finish(self) -> None:
         """Serve until every worker has said goodbye (or died); then flush sends."""
-        while self.live:
+        while self.live or self.held:
             self._next_event()
         for works, _, worker in self.sends:
             self._wait(works, worker)
@@ -92,12 +101,16 @@ class ShardServer:
 
     def _next_event(self) -> None:
         try:
-            worker, header, payload = self.events.get(timeout=1.0)
+            worker, header, payload = self.events.get(timeout=0.05 if self.held else 1.0)
         except queue.Empty:
+            self._release_held()
             self._prune_sends()
             return
+        self.last_event = time.monotonic()
         if header is None:
             self._lost(worker, payload)
+        elif header.kind == protocol.PUSH and worker in self.settings.hold_workers and not self.gate.synchronous:
+            self.held[worker] = (header, payload)
         elif header.kind == protocol.PUSH:
             self._on_push(worker, header, payload)
         elif header.kind == protocol.PULL:
@@ -107,7 +120,25 @@ class ShardServer:
             self.gate.forget(worker)
         self._apply_round_if_complete()
         self._grant_pulls()
+        self._release_held()
         self._prune_sends()
+
+    def _release_held(self) -> None:
+        """Apply held pushes once no other live worker can move: none is computing and each
+        one either waits on a pull the gate refuses (then the held gradient's staleness is
+        exactly the bound) or has been idle for _PARKED_S (parked at a loop sync point)."""
+        if not self.held:
+            return
+        others = self.live - set(self.held)
+        if any(w in self.gate.outstanding for w in others):
+            return
+        blocked = all(w in self.pulls for w in others)
+        if not blocked and time.monotonic() - self.last_event < _PARKED_S:
+            return
+        held, self.held = self.held, {}
+        for worker, (header, grad) in sorted(held.items()):
+            self._on_push(worker, header, grad)
+        self._grant_pulls()
 
     def _on_push(self, worker: int, header: protocol.Header, grad: torch.Tensor) -> None:
         self.stats.push_received(worker, header.loss)
@@ -150,6 +181,9 @@ class ShardServer:
         while self.pulls:
             worker = self.pulls.popleft()
             if worker not in self.live:
+                continue
+            if worker in self.held:  # its previous gradient is not applied yet
+                waiting.append(worker)
                 continue
             if self.gate.may_grant(worker, self.stats.version):
                 self.gate.granted(worker, self.stats.version)

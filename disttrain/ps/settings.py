@@ -31,6 +31,13 @@ def check(strategy: Any, world_size: int) -> None:
     delay = strategy.get("debug_delay_s", 0.0)
     if not isinstance(delay, (int, float)) or delay < 0:
         raise ValueError(f"strategy.debug_delay_s={delay!r} must be a number of seconds >= 0.")
+    if strategy.get("debug_hold_slow_pushes", False):
+        if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
+            raise ValueError(f"strategy.debug_hold_slow_pushes=true needs strategy.max_staleness >= 1 (it is "
+                             f"{bound!r}): a held push is released when the bound stops the other workers.")
+        if not strategy.get("debug_slow_workers", None):
+            raise ValueError("strategy.debug_hold_slow_pushes=true needs strategy.debug_slow_workers "
+                             "(the workers whose pushes are held), e.g. strategy.debug_slow_workers=[0].")
     workers = world_size - strategy.get("num_servers", 1)
     for index in strategy.get("debug_slow_workers", None) or []:
         if not isinstance(index, int) or not 0 <= index < workers:

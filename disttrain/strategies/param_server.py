@@ -47,11 +47,13 @@ class ParamServer(Strategy):
     """Servers hold and update parameters; workers compute gradients asynchronously."""
 
     def __init__(self, num_servers: int = 1, max_staleness: int | None = 4, staleness_lr: str = "none",
-                 debug_slow_workers: Any = (), debug_delay_s: float = 0.0, comm_timeout_s: float = 86400.0):
+                 debug_slow_workers: Any = (), debug_delay_s: float = 0.0, comm_timeout_s: float = 86400.0,
+                 debug_hold_slow_pushes: bool = False):
         self.num_servers, self.max_staleness = int(num_servers), max_staleness
         self.staleness_lr = str(staleness_lr)
         self.debug_slow_workers = {int(w) for w in (debug_slow_workers or ())}
         self.debug_delay_s, self.comm_timeout_s = float(debug_delay_s), float(comm_timeout_s)
+        self.debug_hold = bool(debug_hold_slow_pushes)
         self.server: ShardServer | None = None
         self.client: WorkerClient | None = None
         self.steps = 0
@@ -116,7 +118,8 @@ class ParamServer(Strategy):
         self.scheduler = ctx.build_scheduler(self.optimizer)
         tb_dir = ctx.run_dir / "tensorboard" / f"ps_server{self.world.rank}"
         self.stats = ServerStats(self.num_workers, self.world.rank, tb_dir)
-        settings = ServerSettings(self.max_staleness, self.staleness_lr, self.num_servers, self.num_workers)
+        held = frozenset(self.debug_slow_workers) if self.debug_hold else frozenset()
+        settings = ServerSettings(self.max_staleness, self.staleness_lr, self.num_servers, self.num_workers, held)
         self.server = ShardServer(shard, self.optimizer, self.group, settings, self.stats)
         log.info("ps server %d: %d tensors, %d parameters; %d workers; max_staleness=%s staleness_lr=%s",
                  self.world.rank, len(shard), sum(p.numel() for p in shard), self.num_workers,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import ROOT, cli_env
+from helpers import ROOT, cli_env, run_process
 
 #: 2 ranks of DDP on the MLP, a checkpoint every 4 steps: small enough to run many times.
 MAX_STEPS = 24
@@ -33,7 +33,7 @@ def launch_env(extra: dict | None = None) -> dict:
 
 def run(cmd: list[str], timeout: float = 240, check: bool = True, env: dict | None = None,
         cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env or launch_env(), capture_output=True, text=True, timeout=timeout)
+    proc = run_process(cmd, timeout=timeout, env=env or launch_env(), cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n"
                              f"{proc.stdout[-5000:]}\n--- stderr\n{proc.stderr[-8000:]}")

@@ -1,9 +1,8 @@
 """The ``disttrain`` command as users run it: a dev run with local workers, the console
 script, TensorBoard output, resume on re-run, and config errors before any worker starts."""
-import subprocess
 import sys
 
-from helpers import ROOT, cli_env, run_disttrain
+from helpers import ROOT, cli_env, run_disttrain, run_process
 
 
 def test_dev_run_writes_one_run_dir_with_checkpoints_and_tensorboard(tmp_path):
@@ -31,14 +30,14 @@ def test_dev_run_writes_one_run_dir_with_checkpoints_and_tensorboard(tmp_path):
 
 def test_console_script_and_config_error_before_any_worker(tmp_path):
     exe = str(ROOT / ".venv" / "bin" / "disttrain") if (ROOT / ".venv" / "bin" / "disttrain").exists() else "disttrain"
-    proc = subprocess.run([exe, "data.batch_size=0", "dist.nproc_per_node=2", f"hydra.run.dir={tmp_path}"],
-                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    proc = run_process([exe, "data.batch_size=0", "dist.nproc_per_node=2", f"hydra.run.dir={tmp_path}"],
+                       timeout=120, env=cli_env())
     assert proc.returncode == 2
     assert "data.batch_size=0 must be an integer >= 1" in proc.stderr
     assert "starting 2 local workers" not in proc.stdout + proc.stderr
 
 
 def test_unknown_strategy_is_rejected(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "disttrain", "strategy=warp_drive", f"hydra.run.dir={tmp_path}"],
-                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    proc = run_process([sys.executable, "-m", "disttrain", "strategy=warp_drive", f"hydra.run.dir={tmp_path}"],
+                       timeout=120, env=cli_env())
     assert proc.returncode != 0 and "warp_drive" in proc.stderr and "strategy" in proc.stderr

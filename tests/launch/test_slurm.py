@@ -24,7 +24,11 @@ def slurm_env(tmp_path_factory):
         pytest.skip(f"Slurm cannot be installed on this machine: {installed.stderr.strip()}")
     assert installed.returncode == 0, installed.stderr
     state = tmp_path_factory.mktemp("slurm")
-    run(["bash", str(CLUSTER), "start", str(state)], timeout=120)
+    # Not run(): that kills the command's process group on exit, and the daemons it starts
+    # must outlive it (the script stops them by PID below).
+    started = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True,
+                             timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
     try:
         yield launch_env({"SLURM_CONF": str(state / "slurm.conf")})
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, cli_env, run_disttrain
+from helpers import ROOT, cli_env, run_disttrain, run_process
 
 # A tiny reference regression task (MLP on synthetic_regression) with a validation split.
 TINY = ["model.hidden=16", "model.depth=2", "data.size=512", "data.val_fraction=0.25", "trainer.eval_every=5",
@@ -83,8 +83,8 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     for lr in ("0.05", "1000"):
         assert by["bogus", lr]["status"] == "failed" and "bogus" in by["bogus", lr]["reason"]
     # `disttrain report <sweep dir>`: objective vs each swept parameter, failures included.
-    report = subprocess.run([sys.executable, "-m", "disttrain", "report", str(sweep_dir)], cwd=ROOT, env=cli_env(),
-                            capture_output=True, text=True, timeout=120, check=True)
+    report = run_process([sys.executable, "-m", "disttrain", "report", str(sweep_dir)], timeout=120, env=cli_env())
+    assert report.returncode == 0, report.stderr
     pngs = sorted((sweep_dir / "report").glob("*.png"))
     assert [p.name for p in pngs] == ["objective_vs_model.activation.png", "objective_vs_optim.lr.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in pngs)

@@ -1,12 +1,12 @@
 """The planner: ZeRO memory equals the paper's formulas, the step-time model is the
 stated one, and `disttrain plan` prints a table that marks what does not fit."""
-import subprocess
 import sys
 
 import pytest
 
 from disttrain import plan_model as pm
 from disttrain.plan import parse_bandwidth, parse_bytes
+from helpers import run_process
 
 FACTS = pm.ModelFacts(params=1_000_000, linear_params=900_000, flops_per_sample=6e6, act_bytes_per_sample=1e4,
                       boundary_bytes_per_sample=2e3, blocks=4)
@@ -63,8 +63,7 @@ def test_sizes_and_bandwidths_parse():
 
 
 def _plan(*overrides):
-    return subprocess.run([sys.executable, "-m", "disttrain", "plan", *overrides], capture_output=True, text=True,
-                          timeout=180)
+    return run_process([sys.executable, "-m", "disttrain", "plan", *overrides], timeout=180)
 
 
 def test_plan_command_marks_an_oversized_model():

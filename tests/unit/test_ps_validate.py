@@ -21,6 +21,9 @@ def _compose(*overrides):
     (["strategy.staleness_lr=sqrt"], 3, r"strategy\.staleness_lr='sqrt' must be one of none, inverse"),
     (["strategy.debug_slow_workers=[2]"], 3, r"strategy\.debug_slow_workers.*0 to 1"),
     (["strategy.debug_delay_s=-1"], 3, r"strategy\.debug_delay_s"),
+    (["strategy.debug_hold_slow_pushes=true", "strategy.debug_slow_workers=[0]", "strategy.max_staleness=0"], 3,
+     r"debug_hold_slow_pushes=true needs strategy\.max_staleness >= 1"),
+    (["strategy.debug_hold_slow_pushes=true"], 3, r"debug_hold_slow_pushes=true needs strategy\.debug_slow_workers"),
 ])
 def test_bad_settings_are_named(overrides, world, match):
     with pytest.raises(ConfigError, match=match):
