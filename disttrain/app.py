@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from disttrain import config as config_mod, env
+from disttrain import config as config_mod, env, schema
 
 log = logging.getLogger("disttrain")
 
@@ -30,17 +31,48 @@ def train_job(cfg: DictConfig) -> dict:
     return run_rank(cfg, run_dir)
 
 
+#: Hydra prints its own composition errors (a type disttrain.schema refuses, a missing group
+#: option) in several lines with exit code 1, unless $HYDRA_FULL_ERROR is 1: then it re-raises
+#: them. hydra_main sets it while Hydra composes (unless the user did), catches those errors,
+#: and _job puts the user's value back while a job runs, so training errors keep Hydra's report.
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+_user_full_error: list[str | None] = []  # [the user's value] while hydra_main owns the variable
+
+
+def _set_full_error(value: str | None) -> None:
+    if value is None:
+        os.environ.pop(_FULL_ERROR, None)
+    else:
+        os.environ[_FULL_ERROR] = value
+
+
 def hydra_main() -> None:
     """Entry for the Hydra app; errors in the config print as one line, exit code 2."""
     app = hydra.main(config_path=config_mod.config_dir(), config_name="config", version_base="1.3")(_job)
-    app()
+    if os.environ.get(_FULL_ERROR) == "1":  # the user asked for Hydra's full traceback
+        app()
+        return
+    _user_full_error[:] = [os.environ.get(_FULL_ERROR)]
+    _set_full_error("1")
+    try:
+        app()
+    except schema.COMPOSE_ERRORS as exc:
+        print(f"disttrain: config error: {schema.explain(exc)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _set_full_error(_user_full_error.pop())
 
 
 def _job(cfg: DictConfig):
+    if _user_full_error:  # composed: while the job runs, the user's environment
+        _set_full_error(_user_full_error[0])
     try:
         from disttrain.sweep import run_job  # a sweep trial returns its objective; failures are recorded
 
-        return run_job(cfg, train_job)
+        result = run_job(cfg, train_job)
     except config_mod.ConfigError as exc:
         print(f"disttrain: config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if _user_full_error:  # the next trial of a multirun is composed after this one
+        _set_full_error("1")
+    return result

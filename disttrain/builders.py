@@ -17,21 +17,41 @@ from disttrain import memory
 from disttrain.config import dataset_kwargs
 from disttrain.data.sampler import ResumableBatchSampler
 from disttrain.data import loader as loader_settings
+from disttrain.engine.materialize import ModelFactory
+from disttrain.strategies.base import TrainSettings
+
+
+def model_factory(cfg: DictConfig) -> ModelFactory:
+    """The run's model as a factory: built on the meta device, materialized by part, with
+    weights that depend on ``trainer.seed`` and each parameter's name only (so every
+    strategy, and every single-process reference, starts from identical weights)."""
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    return ModelFactory(build=lambda: instantiate(node), seed=int(cfg.trainer.seed))
 
 
 def model_builder(cfg: DictConfig, run_dir=None) -> Callable[[], nn.Module]:
-    """A function that builds the model with the run's seed: every rank (and the
-    single-process reference) starts from identical weights. The ``memory`` section
-    (activation checkpointing/offload) is applied here, so every strategy gets it."""
+    """A function that builds the whole initialised model with the ``memory`` section
+    applied: the single-process reference (tests, benchmarks, the plan's probe)."""
 
     def build() -> nn.Module:
-        torch.manual_seed(cfg.trainer.seed)
-        model = instantiate(cfg.model)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model._target_={cfg.model._target_} returned {type(model).__name__}, not nn.Module")
-        return memory.apply(model, cfg, run_dir)
+        return memory_applier(cfg, run_dir)(model_factory(cfg).full("cpu"))
 
     return build
+
+
+def memory_applier(cfg: DictConfig, run_dir=None) -> Callable[[nn.Module], nn.Module]:
+    """Applies the ``memory`` section (activation checkpointing / offload) to the part of
+    the model a strategy keeps: the whole model, or a pipeline stage of blocks."""
+    return lambda module: memory.apply(module, cfg, run_dir)
+
+
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    """The step settings every strategy honours the same way (trainer.*)."""
+    from disttrain.precision import configured
+
+    clip = OmegaConf.select(cfg, "trainer.grad_clip", default=None)
+    return TrainSettings(precision=configured(cfg), grad_clip=float(clip) if clip is not None else None,
+                         grad_accum_steps=int(cfg.trainer.grad_accum_steps))
 
 
 def optimizer_builder(cfg: DictConfig) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:

@@ -120,14 +120,14 @@ class Checkpointer:
         self._barrier()
 
     def save(self, step: int, state: dict[str, Any], extra: dict[str, Any], native: Any = None) -> Path:
-        """``native``: a strategy with ``save_checkpoint(dir)`` writes its own format instead of DCP."""
+        """``native``: an object with ``save_checkpoint(dir)`` (an engine's own format) instead of DCP."""
         name = f"step_{step:08d}"
         tmp, final = self.root / f".tmp-{name}", self.root / name
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        if hasattr(native, "save_checkpoint"):  # optional strategy capability (DeepSpeed's own format)
+        if native is not None:  # an engine's own format (DeepSpeed's)
             native.save_checkpoint(tmp)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
@@ -170,7 +170,7 @@ class Checkpointer:
     def load(self, directory: Path, state: dict[str, Any], native: Any = None) -> dict[str, Any]:
         """Fill ``state`` in place from ``directory`` (or ``native.load_checkpoint`` it); return
         this rank's extras."""
-        if hasattr(native, "load_checkpoint"):
+        if native is not None:
             native.load_checkpoint(directory)
         else:
             dcp.load(state, checkpoint_id=str(directory))

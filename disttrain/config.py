@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from disttrain import env
+from disttrain import env, schema
 
 #: keys of the ``data`` group that configure the loader, not the dataset callable.
 LOADER_KEYS = ("batch_size", "shuffle", "num_workers", "prefetch_factor", "pin_memory",
@@ -32,6 +32,7 @@ def run_id() -> str:
 
 
 OmegaConf.register_new_resolver("disttrain_run_id", run_id, use_cache=True, replace=True)
+schema.register()  # conf/config.yaml's first default: the typed sections (disttrain/schema.py)
 
 
 def import_target(path: str, key: str):
@@ -106,11 +107,25 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     strategy_cls = import_target(cfg.strategy._target_, "strategy")
-    if hasattr(strategy_cls, "validate"):
-        try:
-            strategy_cls.validate(cfg, world_size)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    _check_capabilities(cfg, strategy_cls)
+    try:
+        strategy_cls.validate(cfg, world_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_capabilities(cfg: DictConfig, strategy_cls) -> None:
+    """Every feature the run asks for is one the strategy declares it honours."""
+    from disttrain.engine.capabilities import refusal, requested
+
+    target = str(cfg.strategy._target_)
+    module = target.rsplit(".", 2)
+    name = module[-2] if target.startswith("disttrain.strategies.") else target
+    if name == "model_parallel":
+        name += f" strategy.mode={cfg.strategy.get('mode', 'layer')}"
+    message = refusal(name, strategy_cls.capabilities_for(cfg), requested(cfg))
+    if message:
+        raise ConfigError(message)
 
 
 def planned_world_size(cfg: DictConfig) -> int:
@@ -126,13 +141,17 @@ def dataset_kwargs(data_cfg: DictConfig) -> dict:
 
 
 def config_dir() -> str:
-    """Absolute path of the top-level ``conf/`` (next to the package, source or editable
-    install), overridable with $DISTTRAIN_CONFIG_DIR."""
+    """Absolute path of disttrain's configs: ``disttrain/conf`` inside the package (real files
+    in a wheel or sdist; in a checkout or editable install a symlink to the top-level
+    ``conf/`` users edit), else a ``conf/`` next to the package (a checkout without the link),
+    overridable with $DISTTRAIN_CONFIG_DIR. Users add their own config directories on top
+    with Hydra's ``--config-dir DIR`` or ``hydra.searchpath=[file://DIR]``."""
     override = os.environ.get("DISTTRAIN_CONFIG_DIR")
     if override:
         return os.path.abspath(override)
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "conf", here / "conf"):
-        if candidate.is_dir():
-            return str(candidate)
-    raise ConfigError("cannot find disttrain's conf/ directory; set DISTTRAIN_CONFIG_DIR.")
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate.resolve())  # a checkout: the top-level conf/ itself
+    raise ConfigError(f"cannot find disttrain's configs (no config.yaml in {here / 'conf'}): reinstall "
+                      "disttrain, or set DISTTRAIN_CONFIG_DIR to a directory holding config.yaml.")

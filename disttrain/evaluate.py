@@ -40,31 +40,44 @@ def split_from_config(cfg: DictConfig, dataset: Dataset) -> tuple[Dataset, Datas
     return split(dataset, fraction, seed=int(cfg.trainer.seed) + 7919)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP's forward may broadcast buffers (a collective); ranks can hold different numbers
-    # of validation batches, so evaluation uses the plain local module.
-    return getattr(model, "module", model)
+def _batches(dataset: Dataset, shard: tuple[int, int] | None, batch_size: int, count: int):
+    """This rank's validation indices in batches; every rank yields the same number of
+    batches (a strategy's forward may be a collective: pipeline stages, tp shards, ZeRO-3),
+    a rank short of data repeats its first batch with weight 0."""
+    n = len(dataset)
+    per_rank = -(-n // count)
+    rounds = -(-per_rank // batch_size)
+    mine = list(range(shard[0], n, shard[1])) if shard is not None else []
+    for r in range(rounds):
+        chunk = mine[r * batch_size:(r + 1) * batch_size]
+        yield (chunk, True) if chunk else (mine[:batch_size] or [0], False)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, loss_fn, batch_size: int, shard: tuple[int, int],
-             device: torch.device) -> float:
-    """Mean loss over the whole validation set: this rank evaluates indices
-    ``shard[0]::shard[1]``; sums and counts are all-reduced (a collective: every rank calls)."""
-    module = _unwrap(model)
-    was_training = module.training
-    module.eval()
+def evaluate(strategy, dataset: Dataset, loss_fn, batch_size: int, precision, device: torch.device) -> float:
+    """Mean loss over the whole validation set under any strategy: each rank runs its eval
+    shard through ``strategy.eval_outputs``; the ranks that report add (loss x samples,
+    samples); one all-reduce over the world gives every rank the same global mean."""
+    strategy.prepare_eval()
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    shard = strategy.eval_shard()
+    count = max(shard[1], 1) if shard is not None else 1
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * samples, samples)
-    indices = list(range(shard[0], len(dataset), shard[1]))
-    for start in range(0, len(indices), batch_size):
-        batch = [dataset[i] for i in indices[start:start + batch_size]]
-        inputs, targets = to_device(tuple(torch.stack(column) for column in zip(*batch)), device)
-        loss = loss_fn(module(inputs), targets)
-        total += torch.stack([loss.double() * len(batch), torch.tensor(float(len(batch)), dtype=torch.float64,
-                                                                       device=device)])
-    if dist.is_initialized() and shard[1] > 1:
+    if shard is not None:
+        for indices, real in _batches(dataset, shard, batch_size, count):
+            batch = [dataset[i] for i in indices]
+            inputs, targets = to_device(tuple(torch.stack(column) for column in zip(*batch)), device)
+            outputs = strategy.eval_outputs(inputs, precision)
+            if outputs is None or not real:
+                continue
+            loss = loss_fn(outputs.float(), targets).double()
+            total += torch.stack([loss * len(batch), torch.tensor(float(len(batch)), dtype=torch.float64,
+                                                                  device=device)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
-    module.train(was_training)
+    model.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
 

@@ -84,7 +84,7 @@ class Guard:
     def wrap(self, parts, start_step: int) -> "Guard":
         """Hook this guard into the loop's parts (batches, save, stop_requested)."""
         self.step = start_step
-        self.stop_check_every = getattr(parts.strategy, "stop_check_every", 1)
+        self.stop_check_every = parts.engine.stop_check_every
         self.heartbeat.enter("between steps", start_step + 1)
         parts.batches = self._batches(parts.batches)
         parts.save = self._save(parts.save)

@@ -1,5 +1,5 @@
-"""The one training loop. Strategies own the optimizer step; the loop owns the rest:
-fetching micro-batches, logging cadence and checkpoint cadence."""
+"""The one training loop: fetch micro-batches, call the engine's step (disttrain.engine.step),
+logging cadence and checkpoint cadence."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,6 @@ from disttrain.data import timing
 from disttrain.metrics import Meter, TensorBoard
 from disttrain.observe.base import NullObserver
 from disttrain.progress import Progress
-from disttrain.strategies.base import Strategy
 
 log = logging.getLogger("disttrain")
 
@@ -29,7 +28,7 @@ class LoopSettings:
 class LoopParts:
     """The objects the loop drives; built by ``disttrain.run``."""
 
-    strategy: Strategy
+    engine: Any                     # disttrain.engine.step.Engine (or SelfSteppingEngine)
     batches: Iterator[Any]
     advance_data: Callable[[int], None]
     loss_fn: torch.nn.Module
@@ -53,11 +52,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return type(batch)(to_device(item, device) for item in batch)
 
 
-def current_lr(strategy: Strategy) -> float | None:
-    optimizer = getattr(strategy, "optimizer", None)
-    return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
-
-
 def train(settings: LoopSettings, parts: LoopParts, start_step: int) -> int:
     """Run optimizer steps from ``start_step`` to ``max_steps``; return the last step."""
     step = start_step
@@ -66,7 +60,7 @@ def train(settings: LoopSettings, parts: LoopParts, start_step: int) -> int:
         parts.observer.before_step()
         with timing.waited() as data_wait:  # time the loop stood waiting for input
             micro = [to_device(next(parts.batches), parts.device) for _ in range(settings.grad_accum_steps)]
-        stats = parts.strategy.train_step(micro, parts.loss_fn)
+        stats = parts.engine.train_step(micro, parts.loss_fn)
         stats.extra["data_wait_s"] = data_wait.seconds
         parts.advance_data(settings.grad_accum_steps)
         step += 1
@@ -78,7 +72,7 @@ def train(settings: LoopSettings, parts: LoopParts, start_step: int) -> int:
             fields = parts.meter.flush()
             fields.update(parts.observer.flush(step))
             timing.add_share_and_warn(step, fields)
-            lr = current_lr(parts.strategy)
+            lr = parts.engine.lr()
             if lr is not None:
                 fields["lr"] = lr
             parts.tensorboard.scalars(step, fields)

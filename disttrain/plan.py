@@ -165,16 +165,39 @@ def check(cfg: DictConfig) -> None:
         raise ValueError("plan.micro_batches and plan.validate_nproc must be >= 1, plan.validate_steps >= 3.")
 
 
+def config_dir_overrides(argv: list[str]) -> list[str]:
+    """``--config-dir DIR`` / ``-cd DIR`` (as the training command takes them) become
+    ``hydra.searchpath=[file://DIR]``: the user's config groups next to disttrain's."""
+    out, extra, args = [], [], iter(argv)
+    for arg in args:
+        if arg in ("--config-dir", "-cd") or arg.startswith("--config-dir="):
+            path = arg.split("=", 1)[1] if "=" in arg else next(args, None)
+            if not path:
+                raise ValueError(f"{arg} needs a directory: --config-dir DIR")
+            if not os.path.isdir(path):
+                raise ValueError(f"--config-dir {path}: no such directory")
+            extra.append(f"file://{os.path.abspath(path)}")
+        else:
+            out.append(arg)
+    return out + ([f"hydra.searchpath=[{','.join(extra)}]"] if extra else [])
+
+
 def main(argv: list[str]) -> int:
+    """Config and usage errors print one line and return 2 (Hydra's and OmegaConf's own
+    errors, a mistyped key for instance, are turned into one line by ``disttrain.__main__``)."""
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    from disttrain import config as config_mod
+
     try:
+        argv = config_dir_overrides(argv)
         cfg = compose(argv)
         check(cfg)
         nproc = int(cfg.dist.nproc_per_node)
+        config_mod.validate(cfg, nproc)  # the same checks as the training command
         preds, facts, machine, notes = predictions(cfg, nproc)
-    except ValueError as exc:
+    except ValueError as exc:  # ConfigError too
         print(f"disttrain plan: {exc}", file=sys.stderr)
         return 2
     print(_describe(cfg, facts, machine, notes))

@@ -14,11 +14,8 @@ What each mode does:
 Parameters, gradients and optimizer state stay fp32 (autocast casts copies for the matmuls),
 so the "master weights" are simply the model's own parameters: no second copy to keep in sync.
 
-A strategy uses it in three lines (see single.py)::
-
-    self.precision = precision.from_context(ctx)
-    loss = accumulate(model, micro, loss_fn, autocast=self.precision.autocast, scale=self.precision.scale)
-    extra = self.precision.step(self.optimizer, self.scheduler)   # replaces optimizer/scheduler .step()
+The engine's step (disttrain.engine.step) owns it: strategies call ``autocast`` and ``scale``
+inside ``forward_backward``; the engine calls ``unscale_`` (before clipping) and ``step``.
 
 DeepSpeed keeps its own scaler: a DeepSpeed strategy takes ``deepspeed_config(cfg)`` into its
 config instead of calling ``step``.
@@ -69,6 +66,18 @@ def _cpu_fp16_supported() -> bool:
         return False
 
 
+def _scaler(device_type: str, init_scale: float, growth_interval: int):
+    """torch's dynamic loss scaler; with several ranks the sharded variant, whose unscale_
+    all-reduces found-inf over the world so all ranks skip (or take) the same steps."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device_type, init_scale=init_scale, growth_interval=growth_interval)
+    return torch.amp.GradScaler(device_type, init_scale=init_scale, growth_interval=growth_interval)
+
+
 class Precision:
     """Autocast, loss scaling and the guarded optimizer step for one mode on one device."""
 
@@ -77,8 +86,7 @@ class Precision:
         self.mode = normalize(mode)
         self.device_type = torch.device(device).type
         self.dtype = _DTYPES.get(self.mode)
-        self.scaler = (torch.amp.GradScaler(self.device_type, init_scale=init_scale, growth_interval=growth_interval)
-                       if self.mode == "fp16" else None)
+        self.scaler = _scaler(self.device_type, init_scale, growth_interval) if self.mode == "fp16" else None
         self.skipped = 0  # steps skipped for inf/nan gradients, over the whole run
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -90,6 +98,12 @@ class Precision:
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to call ``backward`` on (multiplied by the loss scale in fp16)."""
         return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """fp16: divide the gradients by the loss scale before clipping; the inf/nan check
+        is agreed by every rank (each holds only its shard or stage of the gradients)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dict[str, float]:
         """Update (unless fp16 gradients overflowed), step the scheduler with it, and return
@@ -129,23 +143,6 @@ class Precision:
                                      "backoff_factor": self.scaler.get_backoff_factor(),
                                      "growth_interval": self.scaler.get_growth_interval()})
         self.skipped = int(state["skipped"])
-
-
-def from_context(ctx) -> Precision:
-    """The Precision for a strategy's SetupContext (reads ``trainer.precision``)."""
-    return Precision(configured(ctx.cfg), ctx.device)
-
-
-def strategy_state(strategy: Any) -> dict[str, Any]:
-    """``{"precision": ...}`` to merge into a strategy's state dict when it holds a scaler."""
-    precision = getattr(strategy, "precision", None)
-    return {"precision": precision.state_dict()} if precision is not None and precision.scaler else {}
-
-
-def load_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
-    precision = getattr(strategy, "precision", None)
-    if precision is not None and "precision" in state:
-        precision.load_state_dict(state["precision"])
 
 
 def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from disttrain import builders, dist as dist_setup, env
@@ -19,7 +18,8 @@ from disttrain.metrics import Meter, TensorBoard
 from disttrain.observe import build_observer
 from disttrain.progress import Progress
 from disttrain.rng import rng_state, seed_everything, set_rng_state
-from disttrain.strategies.base import SetupContext, Strategy
+from disttrain.engine.build import build_engine
+from disttrain.precision import Precision
 from disttrain.trial import TrialMonitor
 
 log = logging.getLogger("disttrain")
@@ -32,17 +32,7 @@ def _agree_on_run_dir(run_dir: Path) -> Path:
     return Path(chosen[0])
 
 
-def _build_strategy(cfg: DictConfig, world: env.World, device, run_dir: Path) -> Strategy:
-    strategy: Strategy = instantiate(cfg.strategy)
-    strategy.setup(SetupContext(
-        world=world, device=device, build_model=builders.model_builder(cfg, run_dir),
-        build_optimizer=builders.optimizer_builder(cfg), build_scheduler=builders.scheduler_builder(cfg),
-        cfg=cfg, run_dir=run_dir,
-    ))
-    return strategy
-
-
-def _restore(cfg: DictConfig, checkpointer: Checkpointer, strategy: Strategy, sampler) -> int:
+def _restore(cfg: DictConfig, checkpointer: Checkpointer, engine, sampler) -> int:
     resume = str(cfg.checkpoint.resume)
     if resume == "never" and checkpointer.rank == 0 and step_dirs(checkpointer.root):
         raise CheckpointError(f"{checkpointer.root} already holds checkpoints and checkpoint.resume=never "
@@ -50,9 +40,9 @@ def _restore(cfg: DictConfig, checkpointer: Checkpointer, strategy: Strategy, sa
     directory = checkpointer.choose(resume)
     if directory is None:
         return 0
-    state = strategy.state_dict()
-    extra = checkpointer.load(directory, state, native=strategy)
-    strategy.load_state_dict(state)
+    state = engine.state_dict()
+    extra = checkpointer.load(directory, state, native=engine.native_checkpoint())
+    engine.load_state_dict(state)
     sampler.load_state_dict(extra["sampler"])
     set_rng_state(extra["rng"])
     log.info("resumed from %s (step %d)", directory, extra["step"])
@@ -81,16 +71,16 @@ def run_rank(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.trainer.seed + world.rank)
-    strategy = _build_strategy(cfg, world, device, run_dir)
+    strategy, engine = build_engine(cfg, world, device, run_dir)
     dataset, val_set = split_from_config(cfg, builders.build_dataset(cfg))  # data.val_fraction held out
     loader, sampler = builders.build_loader(cfg, dataset, strategy.data_shard())
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
     checkpointer.clean_partial()
-    start = _restore(cfg, checkpointer, strategy, sampler)
+    start = _restore(cfg, checkpointer, engine, sampler)
 
     def save(step: int) -> None:
         extra = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
-        path = checkpointer.save(step, strategy.state_dict(), extra, native=strategy)
+        path = checkpointer.save(step, engine.state_dict(), extra, native=engine.native_checkpoint())
         log.info("checkpoint saved: %s", path)
 
     meter = Meter(device)
@@ -98,13 +88,14 @@ def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dic
     progress = Progress(cfg.trainer.max_steps, start, cfg.trainer.progress, enabled=world.rank == 0)
     settings = LoopSettings(cfg.trainer.max_steps, cfg.trainer.grad_accum_steps, cfg.trainer.log_every,
                             cfg.checkpoint.every_steps)
-    parts = LoopParts(strategy=strategy, batches=iter(loader), advance_data=sampler.advance,
+    parts = LoopParts(engine=engine, batches=iter(loader), advance_data=sampler.advance,
                       loss_fn=builders.build_loss(cfg), save=save, meter=meter, tensorboard=tensorboard,
                       progress=progress, device=device)
-    monitor = TrialMonitor(cfg, strategy, val_set, parts.loss_fn, device, tensorboard, run_dir, world.rank, start)
+    monitor = TrialMonitor(cfg, strategy, val_set, parts.loss_fn, device, tensorboard, run_dir, world.rank, start,
+                           precision=Precision(builders.train_settings(cfg).precision, device))
     parts.after_step = monitor.after_step  # validation, divergence stop, sweep pruning
     parts.observer = build_observer(cfg, world, device, run_dir, strategy, tensorboard,
-                                    builders.model_builder(cfg), parts.loss_fn)  # MFU, comm, stragglers
+                                    builders.model_factory(cfg).meta, parts.loss_fn)  # MFU, comm, stragglers
     guard = Guard(cfg, world, run_dir, device, checkpointer).wrap(parts, start)  # signals, hangs
     log.info("training %s on %d rank(s) (%s, %s) from step %d to %d; run dir %s", type(strategy).__name__,
              world.world_size, world.launcher, device, start, cfg.trainer.max_steps, run_dir)
@@ -114,7 +105,7 @@ def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dic
         guard.finish()
         progress.close()
         tensorboard.close()
-        strategy.close()
+        engine.close()
     if world.rank == 0:
         log.info("done at step %d. checkpoints: %s  tensorboard: %s", last, run_dir / "checkpoints",
                  run_dir / "tensorboard")

@@ -25,8 +25,9 @@ class TrialMonitor:
     collectives, so all ranks agree."""
 
     def __init__(self, cfg: DictConfig, strategy, val_set, loss_fn, device: torch.device,
-                 tensorboard: TensorBoard, run_dir: Path, rank: int, start_step: int):
+                 tensorboard: TensorBoard, run_dir: Path, rank: int, start_step: int, precision=None):
         self.cfg, self.strategy, self.val_set, self.loss_fn = cfg, strategy, val_set, loss_fn
+        self.precision = precision
         self.device, self.tensorboard, self.run_dir, self.rank = device, tensorboard, run_dir, rank
         self.eval_every = int(cfg.trainer.get("eval_every", 0) or 0)
         self.max_steps = int(cfg.trainer.max_steps)
@@ -53,8 +54,8 @@ class TrialMonitor:
         due = self.eval_every and (step % self.eval_every == 0 or step == self.max_steps)
         if not due or self.val_set is None:
             return False
-        value = evaluate.evaluate(self.strategy.model, self.val_set, self.loss_fn, int(self.cfg.data.batch_size),
-                                  self.strategy.data_shard(), self.device)
+        value = evaluate.evaluate(self.strategy, self.val_set, self.loss_fn, int(self.cfg.data.batch_size),
+                                  self.precision, self.device)
         if self.stop_on_nonfinite:
             evaluate.check_finite(step, "validation loss", value)
         self.history.append((step, value))

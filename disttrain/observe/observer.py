@@ -226,14 +226,14 @@ def build_observer(cfg: DictConfig, world: World, device: torch.device, run_dir:
                    tensorboard, build_model: Callable, loss_fn) -> Observer:
     """Attach the DDP timing hook, settle the peak FLOP/s, and arm the one-time FLOP count."""
     settings = MetricsSettings.from_cfg(cfg)
-    timer = comm.attach(getattr(strategy, "model", None))
+    timer = comm.attach(strategy.communicated_module())
     peak_flops = _peak(cfg, settings, world, device, run_dir)
     count = (lambda batch: flops_per_sample(build_model, batch, loss_fn)) if settings.count_flops else None
     log.info("observe: peak %.3g FLOP/s per rank (%s); communication timing %s", peak_flops,
              "metrics.peak_flops" if settings.peak_flops else "matmul probe", "on" if timer else "off")
     observer = Observer(settings, world, device, tensorboard, timer, peak_flops, count)
     observer.timeline = timeline.attach(strategy, run_dir, world.rank, settings.timeline_step)
-    observer.train_memory = memory.TrainingMemory(device, getattr(strategy, "model", None))
-    if hasattr(strategy, "pp_rank"):  # the pipeline strategy reports every stage's idle seconds
-        observer.idle_key = f"pipeline/stage{strategy.pp_rank}_idle_s"
+    observer.train_memory = memory.TrainingMemory(device, strategy.model)
+    if strategy.pipeline_stages():  # pipelined strategies report every stage's idle seconds
+        observer.idle_key = f"pipeline/stage{dist.get_rank(strategy.stage_group())}_idle_s"
     return observer

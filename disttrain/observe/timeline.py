@@ -2,14 +2,12 @@
 micro-batch on every stage, with wall-clock start and end, written to
 ``<run dir>/timeline/step<N>_rank<r>.json`` for ``disttrain report`` to draw.
 
-It wraps the stages' ``forward_one_chunk`` / ``backward_one_chunk`` (the calls torch's
-schedules make per micro-batch) on the instance, as the pipeline strategy's busy clock
-does, so the pipeline code needs no change. Wall-clock time (time.time) is shared by the
-ranks of one host; across hosts it is only as good as their clock sync.
+It listens to the pipeline strategy's one stage clock (disttrain.parallel.timing.StageClock,
+which wraps the stages' per-micro-batch forward/backward). Wall-clock time (time.time) is
+shared by the ranks of one host; across hosts it is only as good as their clock sync.
 """
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -22,23 +20,9 @@ class Timeline:
         self.active = False
         self.events: list[dict] = []
 
-    def watch(self, stage) -> None:
-        index = int(getattr(stage, "stage_index", 0))
-        for name, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B")):
-            setattr(stage, name, self._timed(getattr(stage, name), index, kind))
-
-    def _timed(self, method, stage: int, kind: str):
-        @functools.wraps(method)
-        def wrapper(*args, **kwargs):
-            start = time.time()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                if self.active:
-                    chunk = args[0] if args else next(iter(kwargs.values()), -1)
-                    self.events.append({"stage": stage, "kind": kind, "micro": int(chunk),
-                                        "start": start, "end": time.time()})
-        return wrapper
+    def record(self, stage: int, kind: str, micro: int, start: float, end: float) -> None:
+        if self.active:
+            self.events.append({"stage": stage, "kind": kind, "micro": micro, "start": start, "end": end})
 
     def begin(self, step: int) -> None:
         self.active = step == self.step
@@ -56,11 +40,10 @@ class Timeline:
 
 
 def attach(strategy, run_dir: Path, rank: int, step: int) -> Timeline | None:
-    """A timeline for pipeline strategies (those exposing torch PipelineStage objects)."""
-    stages = getattr(strategy, "stages", None)
-    if not stages or step <= 0:
+    """A timeline for pipelined strategies (those whose stage clock times their stages)."""
+    clock = strategy.stage_clock()
+    if clock is None or step <= 0:
         return None
     timeline = Timeline(run_dir, rank, step)
-    for stage in stages:
-        timeline.watch(stage)
+    clock.listeners.append(timeline.record)
     return timeline

@@ -54,10 +54,13 @@ def param_weights(blocks: list[tuple[str, nn.Module]]) -> list[float]:
     return [1.0 + sum(p.numel() for p in module.parameters()) for _, module in blocks]
 
 
-def time_weights(blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Measured forward+backward seconds of each layer on ``sample`` (median of ``repeats``)."""
+def time_weights(blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, repeats: int = 3,
+                 materialize: Callable[[nn.Module], nn.Module] = lambda m: m) -> list[float]:
+    """Measured forward+backward seconds of each layer on ``sample`` (median of ``repeats``);
+    meta-device layers are timed on a scratch copy (``materialize``), one layer at a time."""
     weights, x = [], sample
-    for _, module in blocks:
+    for _, meta_module in blocks:
+        module = materialize(meta_module)
         runs = []
         for _ in range(repeats):
             inp = x.detach().requires_grad_(x.is_floating_point())
@@ -73,7 +76,8 @@ def time_weights(blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, repe
 
 def stage_counts(blocks: list[tuple[str, nn.Module]], stages: int, balance,
                  sample_fn: Callable[[], torch.Tensor] | None = None,
-                 reduce_fn: Callable[[list[float]], list[float]] = lambda w: w) -> list[int]:
+                 reduce_fn: Callable[[list[float]], list[float]] = lambda w: w,
+                 materialize: Callable[[nn.Module], nn.Module] = lambda m: m) -> list[int]:
     """Layers per stage for ``strategy.balance``: 'params', 'time' or an explicit list.
     ``reduce_fn`` makes measured times identical on every rank (they must agree on the split)."""
     if isinstance(balance, str) and balance == "params":
@@ -81,7 +85,7 @@ def stage_counts(blocks: list[tuple[str, nn.Module]], stages: int, balance,
     if isinstance(balance, str) and balance == "time":
         if sample_fn is None:
             raise ValueError("strategy.balance=time needs a sample batch")
-        return partition(reduce_fn(time_weights(blocks, sample_fn())), stages)
+        return partition(reduce_fn(time_weights(blocks, sample_fn(), materialize=materialize)), stages)
     counts = [int(c) for c in balance]
     check_explicit(counts, len(blocks), stages)
     return counts

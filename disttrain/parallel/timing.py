@@ -20,25 +20,34 @@ def theory_bubble(ranks: int, micro_batches: int, chunks_per_rank: int = 1) -> f
     return (p - 1) / (v * m + p - 1)
 
 
-class BusyClock:
-    """Accumulates the seconds a stage spends computing, by wrapping the stage's per-chunk
-    methods (an instance-level wrap: torch's schedules call them through the instance)."""
+class StageClock:
+    """The one timing wrapper of pipeline stages: wraps each stage's per-chunk methods once
+    (on the instance: torch's schedules call them through it), accumulates busy seconds for
+    the bubble figure and hands every chunk's (stage, kind, micro, start, end) to listeners
+    (the timeline recorder). Wall-clock (time.time) so ranks of one host share a clock."""
 
     def __init__(self):
         self.busy = 0.0
+        self.listeners: list = []
 
     def watch(self, stage) -> None:
-        for name in ("forward_one_chunk", "backward_one_chunk"):
-            setattr(stage, name, self._timed(getattr(stage, name)))
+        index = int(stage.stage_index)
+        for name, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B")):
+            setattr(stage, name, self._timed(getattr(stage, name), index, kind))
 
-    def _timed(self, method):
+    def _timed(self, method, index: int, kind: str):
         @functools.wraps(method)
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = time.time()
             try:
                 return method(*args, **kwargs)
             finally:
-                self.busy += time.perf_counter() - start
+                end = time.time()
+                self.busy += end - start
+                if self.listeners:
+                    micro = int(args[0] if args else next(iter(kwargs.values()), -1))
+                    for listener in self.listeners:
+                        listener(index, kind, micro, start, end)
         return wrapper
 
     def take(self) -> float:

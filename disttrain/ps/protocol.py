@@ -15,7 +15,7 @@ import torch
 
 PULL, PUSH, BYE = 1, 2, 3
 TAG_HEADER, TAG_GRAD, TAG_VERSION, TAG_PARAMS = 101, 102, 103, 104
-HEADER_LEN = 4
+HEADER_LEN = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,14 +26,16 @@ class Header:
     clock: int = 0            # pushes this worker has sent in this session
     pulled_version: int = -1  # server version the gradient was computed on
     loss: float = 0.0         # the worker's loss for this gradient (logged by the server)
+    grad_norm: float = 0.0    # global 2-norm of the whole gradient (servers clip by it)
 
     def pack(self) -> torch.Tensor:
-        return torch.tensor([self.kind, self.clock, self.pulled_version, self.loss], dtype=torch.float64)
+        return torch.tensor([self.kind, self.clock, self.pulled_version, self.loss, self.grad_norm],
+                            dtype=torch.float64)
 
     @classmethod
     def unpack(cls, buf: torch.Tensor) -> "Header":
-        kind, clock, version, loss = buf.tolist()
-        return cls(int(kind), int(clock), int(version), float(loss))
+        kind, clock, version, loss, norm = buf.tolist()
+        return cls(int(kind), int(clock), int(version), float(loss), float(norm))
 
 
 def plan_shards(sizes: Sequence[int], num_servers: int) -> list[list[int]]:

@@ -31,6 +31,8 @@ class ServerSettings:
     staleness_lr: str      # "none" | "inverse": lr / (1 + staleness)
     num_servers: int
     num_workers: int
+    grad_clip: float | None = None  # clip each applied gradient to this global norm
+    servers_group: Any = None       # s=0 with several servers: the round's norm is summed over it
     #: debug (tests): workers whose pushes are held back until no other worker can make
     #: progress, i.e. a straggler whose gradients reach the staleness bound by construction.
     hold_workers: frozenset = frozenset()
@@ -150,6 +152,8 @@ class ShardServer:
         else:
             # Each push is its own update; 1/num_workers keeps one round of N pushes as
             # large as one synchronous step, so optim.lr means the same for every bound.
+            # Clipping applies to the worker's whole gradient, by the norm it measured.
+            grad.mul_(_clip_coef(self.settings.grad_clip, header.grad_norm))
             self._apply(grad.div_(self.settings.num_workers), [staleness])
 
     def _apply_round_if_complete(self) -> None:
@@ -159,7 +163,13 @@ class ShardServer:
         total = self.round[order[0]][0].clone()
         for worker in order[1:]:
             total += self.round[worker][0]
-        self._apply(total.div_(len(order)), [self.round[w][1] for w in order])
+        total.div_(len(order))
+        if self.settings.grad_clip is not None:  # the averaged gradient, as DDP clips it
+            squares = total.double().pow(2).sum().reshape(1)
+            if self.settings.servers_group is not None:
+                dist.all_reduce(squares, group=self.settings.servers_group)
+            total.mul_(_clip_coef(self.settings.grad_clip, float(squares.sqrt())))
+        self._apply(total, [self.round[w][1] for w in order])
         self.round.clear()
         self.gate.round_applied()
 
@@ -228,3 +238,10 @@ class ShardServer:
         log.warning("ps server %d: worker %d (rank %d) is gone (%s); going on with %d worker(s)",
                     self.stats.server, worker, self.rank_of(worker), str(exc).splitlines()[0][:200],
                     len(self.live))
+
+
+def _clip_coef(max_norm: float | None, norm: float) -> float:
+    """torch's clip_grad_norm_ factor: max_norm / (norm + 1e-6), never above 1."""
+    if max_norm is None:
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))

@@ -58,12 +58,12 @@ class WorkerClient:
             link.pulled_version = int(link.version)
         return [link.pulled_version for link in self.links]
 
-    def push(self, loss: float) -> None:
+    def push(self, loss: float, grad_norm: float = 0.0) -> None:
         """Send this step's gradients to every server (returns at once)."""
         self._drain_sends()
         self.clock += 1
         for link in self.links:
-            header = protocol.Header(protocol.PUSH, self.clock, link.pulled_version, loss)
+            header = protocol.Header(protocol.PUSH, self.clock, link.pulled_version, loss, grad_norm)
             self._send(link, header, protocol.flat_grads(link.params))
 
     def close(self) -> None:

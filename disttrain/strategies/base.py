@@ -1,9 +1,18 @@
-"""The one contract every strategy implements, and the pieces most of them share.
+"""The contract every strategy implements, and the pieces most of them share.
 
-A strategy owns a whole optimizer step (forward, backward, communication, update) for the
-micro-batches the loop hands it; the loop owns everything around it (data, logging,
-checkpoint cadence). Keep this contract small: later strategies plug in without touching
-the loop.
+A strategy provides two things: ``setup`` parallelizes the model (cut, shard or replicate a
+meta-device model, then materialize only this rank's part) and ``forward_backward`` runs the
+step's micro-batches (plain accumulation with ``no_sync``, or a pipeline schedule) and leaves
+data-parallel-averaged gradients on ``self.model``'s parameters. Everything around it, the
+same for all strategies, is the engine's (``disttrain.engine.step``): zero_grad, autocast and
+the fp16 loss scaler, clipping by the global norm, optimizer and scheduler.
+
+Engines that own their whole step (DeepSpeed, the asynchronous parameter server) implement
+``SelfStepping`` instead and receive the same settings (precision, clipping) in ``setup``.
+
+What a strategy can honour is declared in ``capabilities`` and checked before any worker
+starts (``disttrain.engine.capabilities``). Optional views are explicit methods with safe
+defaults (``pipeline_stages``, ``stage_group``, ``eval_outputs``), never ``hasattr`` probes.
 """
 from __future__ import annotations
 
@@ -11,13 +20,13 @@ import abc
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from disttrain import precision
+from disttrain.engine.capabilities import Capabilities
 from disttrain.env import World
 
 Batch = Sequence[torch.Tensor]  # (inputs, targets)
@@ -27,75 +36,133 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclasses.dataclass
 class StepStats:
     """What one optimizer step reports. ``loss`` stays a tensor so the loop decides when
-    to pay for a device sync (only on logging steps)."""
+    to pay for a device sync (only on logging steps); None on ranks that do not report."""
 
     loss: torch.Tensor | None
     samples: int
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The step settings every strategy honours the same way (from ``trainer.*``)."""
+
+    precision: str = "32"            # 32 | bf16 | fp16
+    grad_clip: float | None = None   # max global norm; None = off
+    grad_accum_steps: int = 1
+
+
 @dataclasses.dataclass
 class SetupContext:
-    """Everything a strategy needs to build its model and optimizer."""
+    """Everything a strategy needs to build its part of the model."""
 
     world: World
     device: torch.device
-    build_model: Callable[[], nn.Module]
-    build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-    build_scheduler: Callable[[torch.optim.Optimizer], Any]
-    cfg: DictConfig
+    model: Any                       # disttrain.engine.materialize.ModelFactory
+    cfg: DictConfig                  # read by strategies only for their own section and dist.*
     run_dir: Path
+    settings: TrainSettings = TrainSettings()
+    #: applies the ``memory`` section (activation checkpointing / offload) to a module whose
+    #: children are blocks; strategies call it on what they keep (a stage, the whole model).
+    apply_memory: Callable[[nn.Module], nn.Module] = lambda module: module
+    #: only for SelfStepping strategies, which build their own optimizer and scheduler.
+    build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None
+    build_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
 
 
 class Strategy(abc.ABC):
-    """Base class: subclasses implement ``setup`` and ``train_step``; the state-dict
-    methods below fit any strategy that holds one local model/optimizer/scheduler."""
+    """Parallelize the model; run forward/backward over a step's micro-batches."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: Any = None
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    model: nn.Module  # this rank's part: what the optimizer steps and the checkpoint saves
     world: World
-    #: steps between the loop's job-wide polls for a stop request (an all-reduce). 1 for
-    #: synchronous strategies; asynchronous ones (param_server) raise it so that per-step
-    #: polling does not re-synchronise workers that may run ahead of each other.
-    stop_check_every: int = 1
 
     @classmethod
     def validate(cls, cfg: DictConfig, world_size: int) -> None:
         """Reject bad settings before any worker starts (raise ValueError naming the key)."""
 
-    @abc.abstractmethod
-    def setup(self, ctx: SetupContext) -> None: ...
+    @classmethod
+    def capabilities_for(cls, cfg: DictConfig) -> Capabilities:
+        """What this strategy honours under ``cfg`` (a strategy with modes may differ per mode)."""
+        return cls.capabilities
 
     @abc.abstractmethod
-    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats: ...
+    def setup(self, ctx: SetupContext) -> None:
+        """Build ``self.model`` (this rank's materialized part)."""
+
+    @abc.abstractmethod
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn, precision) -> StepStats:
+        """Gradients of the mean loss over the micro-batches, averaged over data parallelism."""
 
     def data_shard(self) -> tuple[int, int]:
         """(index, count) of this rank's data-parallel shard."""
         return self.world.rank, self.world.world_size
 
-    def state_dict(self) -> dict[str, Any]:
-        """A torch.distributed.checkpoint-compatible state (model, optimizer, scheduler)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    def stage_group(self) -> Any:
+        """The group whose ranks hold disjoint parts of the model (pipeline stages): gradient
+        norms are summed over it. None when every rank's part is complete or replicated."""
+        return None
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
-        state.update(precision.strategy_state(self))  # fp16 loss-scaler state, when there is one
-        return state
+    def pipeline_stages(self) -> list:
+        """torch PipelineStage objects on this rank; [] if not pipelined."""
+        return []
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+    def stage_clock(self):
+        """The one timing wrapper of this rank's pipeline stages (observers listen), or None."""
+        return None
 
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        if self.scheduler is not None and "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
-        precision.load_strategy_state(self, state)
+    def communicated_module(self):
+        """The module whose gradient all-reduces can be hooked (DDP's wrapper), or None."""
+        return None
+
+    def eval_shard(self) -> tuple[int, int] | None:
+        """(index, count) of the validation shard this rank runs, or None when it runs none."""
+        return self.data_shard()
+
+    def prepare_eval(self) -> None:
+        """Collective hook before evaluation (e.g. fetch the current weights)."""
+
+    @torch.no_grad()
+    def eval_outputs(self, inputs: torch.Tensor, precision) -> torch.Tensor | None:
+        """Model outputs for ``inputs`` (forward only), or None on ranks that do not report
+        (their forward still runs where the others need it: pipeline stages, tp shards)."""
+        with precision.autocast():
+            return self.model(inputs)
+
+    def state_dict_options(self):
+        """torch.distributed.checkpoint StateDictOptions for model and optimizer, or None."""
+        return None
 
     def close(self) -> None:
         """Release resources (threads, servers); called once after training."""
+
+
+class SelfStepping(Strategy):
+    """An engine that owns its whole step (DeepSpeed, parameter server): ``train_step``
+    replaces forward_backward + the engine's update; it holds optimizer and scheduler."""
+
+    optimizer: Any = None
+    scheduler: Any = None
+    #: steps between the loop's job-wide polls for a stop request; asynchronous engines raise
+    #: it so per-step polling does not re-synchronise workers that run ahead of each other.
+    stop_check_every: int = 1
+
+    @abc.abstractmethod
+    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats: ...
+
+    def forward_backward(self, micro_batches, loss_fn, precision) -> StepStats:  # pragma: no cover
+        raise TypeError(f"{type(self).__name__} owns its step: call train_step")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def native_checkpoint(self):
+        """An object with save_checkpoint(dir)/load_checkpoint(dir) (DeepSpeed's own format),
+        or None when the DCP state dict above is the checkpoint."""
+        return None
 
 
 def accumulate(model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn,
@@ -115,3 +182,7 @@ def accumulate(model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn,
             scale(loss).backward()
         total += loss.detach().float()
     return total
+
+
+def samples_of(micro_batches: list[Batch]) -> int:
+    return sum(len(b[0]) for b in micro_batches)

@@ -2,10 +2,10 @@
 (bucketed all-reduce overlapped with backward)."""
 from __future__ import annotations
 
+import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from disttrain import precision
-from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate
+from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate, samples_of
 
 
 class DDP(Strategy):
@@ -18,16 +18,24 @@ class DDP(Strategy):
 
     def setup(self, ctx: SetupContext) -> None:
         self.world = ctx.world
-        module = ctx.build_model().to(ctx.device)
+        module = ctx.apply_memory(ctx.model.full(ctx.device))
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        self.model = DistributedDataParallel(module, device_ids=device_ids, **self.ddp_kwargs)
-        self.optimizer = ctx.build_optimizer(self.model.parameters())
-        self.scheduler = ctx.build_scheduler(self.optimizer)
-        self.precision = precision.from_context(ctx)
+        self.ddp = DistributedDataParallel(module, device_ids=device_ids, **self.ddp_kwargs)
+        # The optimizer and the checkpoint see the plain module (unsplit FQNs, no "module.").
+        self.model = module
 
-    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = accumulate(self.model, micro_batches, loss_fn, no_sync=self.model.no_sync,
-                          autocast=self.precision.autocast, scale=self.precision.scale)
-        extra = self.precision.step(self.optimizer, self.scheduler)  # skips fp16 overflow steps
-        return StepStats(loss=loss, samples=sum(len(b[0]) for b in micro_batches), extra=extra)
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn, precision) -> StepStats:
+        loss = accumulate(self.ddp, micro_batches, loss_fn, no_sync=self.ddp.no_sync,
+                          autocast=precision.autocast, scale=precision.scale)
+        return StepStats(loss=loss, samples=samples_of(micro_batches))
+
+    @torch.no_grad()
+    def eval_outputs(self, inputs, precision):
+        # The plain module: DDP's forward may broadcast buffers (a collective), and ranks
+        # can hold different numbers of validation batches.
+        with precision.autocast():
+            return self.model(inputs)
+
+    def communicated_module(self):
+        """The DDP wrapper (observers hook its all-reduces)."""
+        return self.ddp

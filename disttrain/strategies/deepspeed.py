@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from disttrain import precision
 from disttrain.strategies import deepspeed_config
-from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy
+from disttrain.strategies.base import Batch, LossFn, SelfStepping, SetupContext, StepStats
 
 log = logging.getLogger("disttrain")
 INSTALL_HINT = "strategy=deepspeed needs DeepSpeed, which is not installed: pip install -e '.[deepspeed]'"
@@ -53,8 +53,10 @@ def _plain(config: Any) -> dict[str, Any]:
     return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config or {})
 
 
-class DeepSpeed(Strategy):
-    """DeepSpeed engine with ZeRO stage 0-3 and optional optimizer offload to CPU."""
+class DeepSpeed(SelfStepping):
+    """DeepSpeed engine with ZeRO stage 0-3 and optional optimizer offload to CPU. It owns
+    its step; precision (bf16/fp16 sections) and clipping (``gradient_clipping``) come from
+    ``trainer.precision`` and ``trainer.grad_clip`` like every other strategy's."""
 
     def __init__(self, zero_stage: int = 2, offload_optimizer: str = "none", config: Any = None):
         self.zero_stage, self.offload_optimizer = int(zero_stage), str(offload_optimizer)
@@ -77,7 +79,7 @@ class DeepSpeed(Strategy):
                                 FutureWarning)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         self.world = ctx.world
-        module = ctx.build_model().to(ctx.device)
+        module = ctx.apply_memory(ctx.model.full(ctx.device))
         config = deepspeed_config.build(ctx.cfg, ctx.world.world_size, self.zero_stage, self.offload_optimizer,
                                         self.extra, pin_memory=ctx.device.type == "cuda")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -101,12 +103,16 @@ class DeepSpeed(Strategy):
             total += loss.detach().float() / k
         return StepStats(loss=total, samples=sum(len(b[0]) for b in micro_batches))
 
-    # Checkpoints: DeepSpeed's own format (the optional native capability of the contract).
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+    @torch.no_grad()
+    def eval_outputs(self, inputs, precision):
+        """Every rank runs the engine's forward (ZeRO-3 gathers parameters collectively)."""
+        if self.input_dtype is not None and inputs.is_floating_point():
+            inputs = inputs.to(self.input_dtype)
+        return self.engine(inputs).float()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    # Checkpoints: DeepSpeed's own format (the native-checkpoint view of the contract).
+    def native_checkpoint(self):
+        return self
 
     def save_checkpoint(self, directory: Path) -> None:
         """Collective: every rank writes its shards into ``directory``."""

@@ -28,6 +28,7 @@ OWNED = {
     "fp16": "trainer.precision",
     "zero_optimization.stage": "strategy.zero_stage",
     "zero_optimization.offload_optimizer": "strategy.offload_optimizer",
+    "gradient_clipping": "trainer.grad_clip",
 }
 
 
@@ -78,7 +79,7 @@ def build(cfg: DictConfig, world_size: int, zero_stage: int, offload_optimizer: 
         "steps_per_print": 2**31 - 1,  # disttrain's loop logs; DeepSpeed's own step lines would repeat it
         **precision.deepspeed_config(cfg),
     }
+    # Always written: without the key DeepSpeed clips at 1.0 while no other strategy clips.
     grad_clip = OmegaConf.select(cfg, "trainer.grad_clip", default=None)
-    if grad_clip:
-        config["gradient_clipping"] = float(grad_clip)
+    config["gradient_clipping"] = float(grad_clip) if grad_clip is not None else 0.0
     return _merge(config, extra)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig
 
+from disttrain.engine.capabilities import Capabilities
 from disttrain.parallel import mesh as mesh_mod, tensor
-from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate
+from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate, samples_of
 from disttrain.strategies.pipeline import Pipeline, _balance_value, build_blocks, check_balance
 
 MODES = ("layer", "tensor")
@@ -28,7 +30,14 @@ class LayerParallel(Pipeline):
 
 
 class TensorParallel(Strategy):
-    """dp x tp: each tp group holds one sharded copy of the model."""
+    """dp x tp: each tp group holds one sharded copy of the model. The plan is applied on
+    the meta device; each rank then materializes only its shards (one full layer at a time)."""
+
+    capabilities = Capabilities(activation_checkpointing=("none", "full"), activation_offload=("none", "cpu"),
+                                why={"activation_checkpointing": "every_n re-chains the blocks of a Sequential "
+                                     "and tensor-parallel blocks are sharded in place",
+                                     "activation_offload": "the disk offload hooks save plain tensors and "
+                                     "tensor-parallel activations are DTensors"})
 
     def setup(self, ctx: SetupContext) -> None:
         self.world, self.device = ctx.world, ctx.device
@@ -36,33 +45,40 @@ class TensorParallel(Strategy):
         self.mesh = mesh_mod.build_mesh(self.degrees, ctx.device, ("dp", "tp"))
         self.dp_group, self.dp_rank = self.mesh.get_group("dp"), self.mesh.get_local_rank("dp")
         self.tp_rank = self.mesh.get_local_rank("tp")
-        self.model = tensor.apply_tp(ctx.build_model().to(ctx.device), self.mesh["tp"])
-        self.optimizer = ctx.build_optimizer(self.model.parameters())
-        self.scheduler = ctx.build_scheduler(self.optimizer)
+        sharded = tensor.apply_tp(ctx.model.meta(), self.mesh["tp"])
+        self.model = ctx.apply_memory(ctx.model.materialize(sharded, ctx.device))
 
-    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = accumulate(self.model, micro_batches, loss_fn)
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn, precision) -> StepStats:
+        loss = accumulate(self.model, micro_batches, loss_fn, autocast=precision.autocast, scale=precision.scale)
         mesh_mod.average_gradients(list(self.model.parameters()), self.dp_group, self.degrees.dp)
-        self.optimizer.step()
-        self.scheduler.step()
         # Every tp rank computes the same (replicated) loss: report it once per replica.
         first = self.tp_rank == 0
-        return StepStats(loss=loss if first else None,
-                         samples=sum(len(b[0]) for b in micro_batches) if first else 0)
+        return StepStats(loss=loss if first else None, samples=samples_of(micro_batches) if first else 0)
+
+    @torch.no_grad()
+    def eval_outputs(self, inputs, precision):
+        with precision.autocast():
+            outputs = self.model(inputs)  # every tp rank: the forward has collectives
+        return outputs if self.tp_rank == 0 else None
 
     def data_shard(self) -> tuple[int, int]:
         return self.dp_rank, self.degrees.dp
 
 
 class ModelParallel(Strategy):
-    """Chooses the layer or tensor implementation; forwards the strategy contract to it."""
+    """``strategy=model_parallel``: constructing it returns the implementation of
+    ``strategy.mode`` (LayerParallel or TensorParallel) itself, so the loop, the observer
+    and checkpoints see the real strategy (its stages, its groups), not a forwarding shell."""
 
-    def __init__(self, mode: str = "layer", balance: Any = "params"):
+    def __new__(cls, mode: str = "layer", balance: Any = "params"):
         if mode not in MODES:
             raise ValueError(f"strategy.mode={mode!r} must be one of {', '.join(MODES)}.")
-        self.mode = mode
-        self.impl: Strategy = LayerParallel(_balance_value(balance)) if mode == "layer" else TensorParallel()
+        return LayerParallel(_balance_value(balance)) if mode == "layer" else TensorParallel()
+
+    @classmethod
+    def capabilities_for(cls, cfg: DictConfig) -> Capabilities:
+        impl = LayerParallel if cfg.strategy.get("mode", "layer") == "layer" else TensorParallel
+        return impl.capabilities_for(cfg)
 
     @classmethod
     def validate(cls, cfg: DictConfig, world_size: int) -> None:
@@ -82,27 +98,12 @@ class ModelParallel(Strategy):
                                  "use fewer ranks or a deeper model.")
             check_balance(blocks, _balance_value(cfg.strategy.balance), degrees.pp, degrees.pp)
         else:
-            from hydra.utils import instantiate
+            from disttrain import builders
 
-            tensor.check_divisible(instantiate(OmegaConf.to_container(cfg.model, resolve=True)), degrees.tp)
+            tensor.check_divisible(builders.model_factory(cfg).meta(), degrees.tp)
 
-    def setup(self, ctx: SetupContext) -> None:
-        self.impl.setup(ctx)
-        self.world = ctx.world
+    def setup(self, ctx: SetupContext) -> None:  # pragma: no cover - __new__ returns the implementation
+        raise TypeError("ModelParallel() returns LayerParallel or TensorParallel")
 
-    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats:
-        return self.impl.train_step(micro_batches, loss_fn)
-
-    # The loop and checkpointing read these; they live on the implementation.
-    model = property(lambda self: self.impl.model)
-    optimizer = property(lambda self: self.impl.optimizer)
-    scheduler = property(lambda self: self.impl.scheduler)
-
-    def data_shard(self) -> tuple[int, int]:
-        return self.impl.data_shard()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.impl.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.impl.load_state_dict(state)
+    def forward_backward(self, micro_batches, loss_fn, precision):  # pragma: no cover
+        raise TypeError("ModelParallel() returns LayerParallel or TensorParallel")

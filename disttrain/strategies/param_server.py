@@ -38,13 +38,30 @@ from disttrain.ps import protocol
 from disttrain.ps.server import ServerSettings, ShardServer
 from disttrain.ps.stats import ServerStats
 from disttrain.ps.worker import WorkerClient
-from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate
+from disttrain.engine.capabilities import Capabilities
+from disttrain.engine.clip import global_grad_norm
+from disttrain.precision import Precision
+from disttrain.strategies.base import Batch, LossFn, SelfStepping, SetupContext, StepStats, accumulate
 
 log = logging.getLogger("disttrain")
 
 
-class ParamServer(Strategy):
-    """Servers hold and update parameters; workers compute gradients asynchronously."""
+class ParamServer(SelfStepping):
+    """Servers hold and update parameters; workers compute gradients asynchronously.
+
+    Precision: workers run the forward under ``trainer.precision``'s autocast (bf16);
+    parameters, pushed gradients and the servers' optimizer stay fp32. fp16 is refused: a
+    loss scale per worker would make servers apply gradients of different scales.
+    Clipping (``trainer.grad_clip``) happens on the servers, by the global norm: with
+    ``max_staleness=0`` the round's averaged gradient (as DDP clips it), otherwise each
+    applied gradient, by the norm of the whole gradient its worker measured and sent.
+    """
+
+    capabilities = Capabilities(
+        precision=("32", "bf16"), activation_offload=("none", "cpu"),
+        why={"precision": "each worker would keep its own fp16 loss scale, so servers would apply "
+                          "gradients of different scales",
+             "activation_offload": "disk offload files are per process and workers run ahead of each other"})
 
     def __init__(self, num_servers: int = 1, max_staleness: int | None = 4, staleness_lr: str = "none",
                  debug_slow_workers: Any = (), debug_delay_s: float = 0.0, comm_timeout_s: float = 86400.0,
@@ -86,7 +103,9 @@ class ParamServer(Strategy):
 
         self.world = ctx.world
         check_world(self.num_servers, ctx.world.world_size)
-        self.model = ctx.build_model().to(ctx.device)
+        self.model = ctx.apply_memory(ctx.model.full(ctx.device))
+        self.precision = Precision(ctx.settings.precision, ctx.device)
+        self.grad_clip = ctx.settings.grad_clip
         self.log_every = int(ctx.cfg.trainer.log_every)
         # Poll for stop signals only on logging steps (the loop's sync points), not per step.
         self.stop_check_every = self.log_every
@@ -94,8 +113,12 @@ class ParamServer(Strategy):
         params = list(self.model.parameters())
         plan = protocol.plan_shards([p.numel() for p in params], self.num_servers)
         self._check_plan(params, plan)  # on every rank, before any communication
+        self.plan = plan
         # Every rank creates the group (a collective), servers and workers alike.
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.comm_timeout_s))
+        # s=0 clipping with several servers sums the round's norm over the servers.
+        needs = self.grad_clip is not None and self.max_staleness == 0 and self.num_servers > 1
+        self.servers_group = dist.new_group(list(range(self.num_servers)), backend="gloo") if needs else None
         if self.is_server:
             self.owned = [names[i] for i in plan[self.world.rank]]
             self._setup_server(ctx, [params[i] for i in plan[self.world.rank]])
@@ -115,11 +138,13 @@ class ParamServer(Strategy):
             if name not in self.owned:
                 param.requires_grad_(False)  # not ours: never stepped, never saved here
         self.optimizer = ctx.build_optimizer(shard)
+        self.params = list(self.model.parameters())
         self.scheduler = ctx.build_scheduler(self.optimizer)
         tb_dir = ctx.run_dir / "tensorboard" / f"ps_server{self.world.rank}"
         self.stats = ServerStats(self.num_workers, self.world.rank, tb_dir)
         held = frozenset(self.debug_slow_workers) if self.debug_hold else frozenset()
-        settings = ServerSettings(self.max_staleness, self.staleness_lr, self.num_servers, self.num_workers, held)
+        settings = ServerSettings(self.max_staleness, self.staleness_lr, self.num_servers, self.num_workers, held,
+                                  grad_clip=self.grad_clip, servers_group=self.servers_group)
         self.server = ShardServer(shard, self.optimizer, self.group, settings, self.stats)
         log.info("ps server %d: %d tensors, %d parameters; %d workers; max_staleness=%s staleness_lr=%s",
                  self.world.rank, len(shard), sum(p.numel() for p in shard), self.num_workers,
@@ -133,10 +158,11 @@ class ParamServer(Strategy):
         self.client.request_params()
         self.client.wait_params()
         self.model.zero_grad(set_to_none=True)
-        loss = accumulate(self.model, micro_batches, loss_fn)
+        loss = accumulate(self.model, micro_batches, loss_fn, autocast=self.precision.autocast)
         if self.world.rank - self.num_servers in self.debug_slow_workers:
             time.sleep(self.debug_delay_s)  # a straggler on purpose (tests, benchmarks)
-        self.client.push(float(loss))
+        norm = float(global_grad_norm(list(self.model.parameters()))) if self.grad_clip is not None else 0.0
+        self.client.push(float(loss), norm)
         return StepStats(loss=loss, samples=sum(len(b[0]) for b in micro_batches))
 
     def _serve_step(self) -> StepStats:
@@ -173,6 +199,17 @@ class ParamServer(Strategy):
         for key, value in mine["counters"].items():
             self.stats.totals[key].copy_(value)
         log.info("ps server %d resumed at version %d", self.world.rank, self.stats.version)
+
+    # ---- evaluation: on the servers' current weights -------------------------------
+    def prepare_eval(self) -> None:
+        """Every rank (a collective, at the loop's sync point: every gradient of this step
+        is applied) receives each parameter from the server that owns it."""
+        for index, param in enumerate(self.model.parameters()):
+            owner = next(s for s, shard in enumerate(self.plan) if index in shard)
+            dist.broadcast(param.data, src=owner)
+
+    def eval_shard(self) -> tuple[int, int] | None:
+        return None if self.is_server else self.data_shard()
 
     def close(self) -> None:
         if self.server is not None:

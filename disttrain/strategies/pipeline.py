@@ -20,8 +20,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from disttrain.parallel import mesh as mesh_mod, split
-from disttrain.parallel.timing import BusyClock, stage_report, theory_bubble
-from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy
+from disttrain.engine.capabilities import Capabilities
+from disttrain.engine.materialize import scratch_copy
+from disttrain.parallel.timing import StageClock, stage_report, theory_bubble
+from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, samples_of
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -34,11 +36,16 @@ def _balance_value(balance: Any) -> Any:
 class Pipeline(Strategy):
     """dp x pp: each pipeline rank holds its stage(s); the last stage computes the loss."""
 
+    capabilities = Capabilities(why={"activation_offload": "offload hooks wrap a whole forward, and torch's "
+                                     "schedules run each stage's forward per micro-batch"},
+                                activation_offload=("none",))
+
     def __init__(self, micro_batches: int = 4, schedule: str = "1f1b", stages_per_rank: int = 1,
                  balance: Any = "params"):
         self.micro_batches, self.schedule_name = micro_batches, schedule
         self.stages_per_rank, self.balance = stages_per_rank, _balance_value(balance)
         self.last_report: dict[str, float] = {}
+        self._evaluating = False
 
     # ---------------------------------------------------------------- validation
     @classmethod
@@ -59,29 +66,33 @@ class Pipeline(Strategy):
 
     # ---------------------------------------------------------------- set-up
     def setup(self, ctx: SetupContext) -> None:
-        self.world, self.device = ctx.world, ctx.device
+        self.world, self.device, self.batch_size = ctx.world, ctx.device, int(ctx.cfg.data.batch_size)
         self.degrees = mesh_mod.resolve_degrees(ctx.cfg, ctx.world.world_size, split_axis="pp")
         self.mesh = mesh_mod.build_mesh(self.degrees, ctx.device, ("dp", "pp"))
         self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
         self.pp_rank, self.dp_rank = self.mesh.get_local_rank("pp"), self.mesh.get_local_rank("dp")
         num_stages = self.degrees.pp * self.stages_per_rank
-        blocks = split.blocks_of(ctx.build_model())
-        counts = split.stage_counts(blocks, num_stages, self.balance, lambda: self._sample(ctx),
-                                    self._agree)
+        blocks = split.blocks_of(ctx.model.meta())  # nothing allocated yet
+        counts = split.stage_counts(blocks, num_stages, self.balance, lambda: self._sample(ctx), self._agree,
+                                    materialize=lambda m: scratch_copy(m, ctx.device))
         split.check_ranks_hold_parameters(blocks, counts, self.degrees.pp)
         # Stage s lives on pipeline rank s % pp (the looped placement interleaving expects).
         self.stage_ids = [self.pp_rank + j * self.degrees.pp for j in range(self.stages_per_rank)]
-        modules = [split.stage_module(blocks, counts, s).to(ctx.device) for s in self.stage_ids]
+        # Only this rank's stages get storage; each keeps the unsplit FQNs ("3.weight").
+        modules = [ctx.apply_memory(ctx.model.materialize(split.stage_module(blocks, counts, s), ctx.device))
+                   for s in self.stage_ids]
+        del blocks
         self.model = split.union(modules)
+        self.precision = None
+        for module in modules:
+            _autocast_forward(module, self)
         self.stages = [PipelineStage(m, s, num_stages, ctx.device, group=self.pp_group)
                        for m, s in zip(modules, self.stage_ids)]
-        self.clock = BusyClock()
+        self.clock = StageClock()
         for stage in self.stages:
             self.clock.watch(stage)
         self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         self.schedule = self._make_schedule()
-        self.optimizer = ctx.build_optimizer(self.model.parameters())
-        self.scheduler = ctx.build_scheduler(self.optimizer)
         self.counts = counts
 
     def _make_schedule(self):
@@ -100,59 +111,104 @@ class Pipeline(Strategy):
         """Average measured layer times over all ranks: every rank must choose the same split."""
         import torch.distributed as dist
 
-        t = torch.tensor(weights, dtype=torch.float64)
+        t = torch.tensor(weights, dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(t)
-        return t.tolist()
+        return t.cpu().tolist()
 
     # ---------------------------------------------------------------- training
     def _micro_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._loss_fn(output, target) * self._loss_scale
+        if self._evaluating:  # outputs are all evaluation needs; the loss is computed by the caller
+            return output.float().sum() * 0.0
+        loss = self._loss_fn(output.float(), target) * self._loss_scale
+        scaled = self.precision.scale(loss)
+        self._unscaled[id(scaled)] = loss.detach()  # the schedule's list holds what we return
+        return scaled
 
-    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats:
-        self.optimizer.zero_grad(set_to_none=True)
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn, precision) -> StepStats:
+        self.precision, self._unscaled, losses = precision, {}, []
         self._loss_fn, self._loss_scale = loss_fn, 1.0 / (self.micro_batches * len(micro_batches))
-        total = torch.zeros((), device=self.device) if self.is_last else None
         start = time.perf_counter()
         for inputs, targets in micro_batches:
-            losses: list[torch.Tensor] = []
             args = (inputs,) if self.is_first else ()
+            step_losses: list[torch.Tensor] = []  # the schedule refills its list each step
             self.schedule.step(*args, target=targets if self.is_last else None,
-                               losses=losses if self.is_last else None, return_outputs=False)
-            if self.is_last:
-                total += torch.stack([l.detach().float() for l in losses]).sum()
+                               losses=step_losses if self.is_last else None, return_outputs=False)
+            losses += step_losses
         wall = time.perf_counter() - start
         mesh_mod.average_gradients(list(self.model.parameters()), self.dp_group, self.degrees.dp)
-        self.optimizer.step()
-        self.scheduler.step()
         self.last_report = stage_report(self.clock.take(), wall, self.pp_group, self._theory())
-        samples = sum(len(b[0]) for b in micro_batches) if self.is_last else 0
+        total = torch.stack([self._unscaled[id(l)] for l in losses]).sum() if self.is_last else None
+        self._unscaled = {}
+        samples = samples_of(micro_batches) if self.is_last else 0
         return StepStats(loss=total, samples=samples, extra=dict(self.last_report))
 
     def _theory(self) -> float:
         chunks = self.stages_per_rank if self.schedule_name == "interleaved_1f1b" else 1
         return theory_bubble(self.degrees.pp, self.micro_batches, chunks)
 
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def eval_outputs(self, inputs: torch.Tensor, precision) -> torch.Tensor | None:
+        """Forward only through every stage (torch's schedule.eval); outputs on the last.
+        A short last batch is padded to the training batch size and cut back after."""
+        self.precision, self._evaluating = precision, True
+        size = len(inputs)
+        padded = _pad_to(inputs, self.batch_size)
+        try:
+            args = (padded,) if self.is_first else ()
+            target = torch.zeros(len(padded), device=self.device) if self.is_last else None
+            outputs = self.schedule.eval(*args, target=target, losses=[] if self.is_last else None)
+        finally:
+            self._evaluating = False
+        return outputs[:size] if self.is_last else None
+
+    def eval_shard(self) -> tuple[int, int]:
+        return self.data_shard()
+
+    # ---------------------------------------------------------------- views
+    def stage_group(self):
+        return self.pp_group
+
+    def pipeline_stages(self) -> list:
+        return list(self.stages)
+
+    def stage_clock(self) -> StageClock:
+        return self.clock
+
     # Stages hold different parameters under the same optimizer keys ("param_groups.0"):
     # checkpoint writers deduplicate equal keys across ranks, so the optimizer state is
     # flattened to per-parameter keys ("param_groups.<fqn>.lr"), unique to the owning stage.
-    def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=_FLAT)
-        return {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=_FLAT)
-        self.scheduler.load_state_dict(state["scheduler"])
+    def state_dict_options(self):
+        return _FLAT
 
     def data_shard(self) -> tuple[int, int]:
         # All stages of one replica must see the same batch (the first feeds inputs, the
         # last reads targets), so the shard is the data-parallel coordinate only.
         return self.dp_rank, self.degrees.dp
+
+
+def _autocast_forward(module: torch.nn.Module, owner: "Pipeline") -> None:
+    """Run a stage's forward under the step's autocast (the schedule calls the stage module
+    itself, so the engine's autocast context cannot reach it); instance-level, names kept."""
+    forward = module.forward
+
+    def autocast_forward(*args, **kwargs):
+        if owner.precision is None:
+            return forward(*args, **kwargs)
+        with owner.precision.autocast():
+            return forward(*args, **kwargs)
+
+    module.forward = autocast_forward
+
+
+def _pad_to(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """The stages' buffers are sized by the training micro-batch: evaluation batches keep
+    that shape (the last one padded with copies of its last sample, cut off afterwards)."""
+    extra = size - len(batch)
+    if extra <= 0:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(extra, *batch.shape[1:])])
 
 
 def check_pipeline_settings(micro_batches: Any, schedule: Any, stages_per_rank: Any, pp: int,
@@ -192,7 +248,8 @@ def check_balance(blocks: list, balance: Any, ranks: int, stages: int) -> None:
 
 
 def build_blocks(cfg: DictConfig) -> list:
-    """Build the model once (cheap for models that fit one process) to see its blocks."""
-    from hydra.utils import instantiate
+    """The model's blocks, built on the meta device (nothing allocated: validation must not
+    build a model that may not fit this machine)."""
+    from disttrain import builders
 
-    return split.blocks_of(instantiate(OmegaConf.to_container(cfg.model, resolve=True)))
+    return split.blocks_of(builders.model_factory(cfg).meta())

@@ -1,8 +1,7 @@
 """One process, no communication: the reference every other strategy must match."""
 from __future__ import annotations
 
-from disttrain import precision
-from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate
+from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate, samples_of
 
 
 class Single(Strategy):
@@ -10,17 +9,14 @@ class Single(Strategy):
 
     def setup(self, ctx: SetupContext) -> None:
         self.world = ctx.world
-        self.model = ctx.build_model().to(ctx.device)
-        self.optimizer = ctx.build_optimizer(self.model.parameters())
-        self.scheduler = ctx.build_scheduler(self.optimizer)
-        self.precision = precision.from_context(ctx)
+        self.model = ctx.apply_memory(ctx.model.full(ctx.device))
 
-    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = accumulate(self.model, micro_batches, loss_fn, autocast=self.precision.autocast,
-                          scale=self.precision.scale)
-        extra = self.precision.step(self.optimizer, self.scheduler)  # skips fp16 overflow steps
-        return StepStats(loss=loss, samples=sum(len(b[0]) for b in micro_batches), extra=extra)
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn, precision) -> StepStats:
+        loss = accumulate(self.model, micro_batches, loss_fn, autocast=precision.autocast, scale=precision.scale)
+        return StepStats(loss=loss, samples=samples_of(micro_batches))
 
     def data_shard(self) -> tuple[int, int]:
+        return 0, 1
+
+    def eval_shard(self) -> tuple[int, int] | None:
         return 0, 1

@@ -6,26 +6,33 @@ import torch
 from omegaconf import OmegaConf
 
 
-def context(build_model, dist_degrees: dict, batch_size: int = 32, lr: float = 0.1):
+def context(factory, dist_degrees: dict, batch_size: int = 32):
+    """A SetupContext around ``factory`` (a ModelFactory) for strategies built directly."""
     from disttrain import env
     from disttrain.strategies.base import SetupContext
 
     cfg = OmegaConf.create({"dist": {"dp": None, "pp": None, "tp": None, **dist_degrees},
                             "data": {"_target_": "disttrain.data.synthetic_regression", "size": 256,
                                      "in_dim": 32, "out_dim": 1, "batch_size": batch_size}})
-    return SetupContext(world=env.detect(), device=torch.device("cpu"), build_model=build_model,
-                        build_optimizer=lambda p: torch.optim.SGD(p, lr=lr),
-                        build_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
-                        cfg=cfg, run_dir=None)
+    return SetupContext(world=env.detect(), device=torch.device("cpu"), model=factory, cfg=cfg, run_dir=None)
 
 
 def mlp(depth: int = 3):
+    """The reference MLP as a ModelFactory (meta build, seeded per-module init)."""
+    from disttrain.engine.materialize import ModelFactory
     from disttrain.models import build_mlp
 
-    def build():
-        torch.manual_seed(0)
-        return build_mlp(in_dim=32, hidden=64, depth=depth, out_dim=1)
-    return build
+    return ModelFactory(build=lambda: build_mlp(in_dim=32, hidden=64, depth=depth, out_dim=1), seed=0)
+
+
+def engine_for(strategy, lr: float = 0.1, grad_clip=None, precision="32"):
+    """The run's one optimizer step around a strategy built directly (SGD, constant lr)."""
+    from disttrain.engine.step import Engine
+    from disttrain.precision import Precision
+
+    optimizer = torch.optim.SGD(strategy.model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return Engine(strategy, optimizer, scheduler, Precision(precision), grad_clip)
 
 
 def batches(k: int, batch: int, seed: int = 7):
@@ -33,9 +40,9 @@ def batches(k: int, batch: int, seed: int = 7):
     return [(torch.randn(batch, 32, generator=g), torch.randn(batch, 1, generator=g)) for _ in range(k)]
 
 
-def reference_grads(build_model, micro):
+def reference_grads(factory, micro):
     """Gradients and loss of the unsplit model on the concatenated (global) batch."""
-    model = build_model()
+    model = factory.full()
     x = torch.cat([b[0] for b in micro])
     y = torch.cat([b[1] for b in micro])
     loss = torch.nn.functional.mse_loss(model(x), y)
@@ -43,11 +50,13 @@ def reference_grads(build_model, micro):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def compare(strategy, build_model, micro_global, my_micro) -> dict:
-    """Run one step of ``strategy`` on this rank's micro-batches; return the loss and the
-    largest gradient difference to the unsplit model on the global batch."""
-    stats = strategy.train_step(my_micro, torch.nn.MSELoss())
-    ref_loss, ref = reference_grads(build_model, micro_global)
+def compare(strategy, factory, micro_global, my_micro) -> dict:
+    """Run one forward/backward of ``strategy`` on this rank's micro-batches; return the loss
+    and the largest gradient difference to the unsplit model on the global batch."""
+    from disttrain.precision import Precision
+
+    stats = strategy.forward_backward(my_micro, torch.nn.MSELoss(), Precision(32))
+    ref_loss, ref = reference_grads(factory, micro_global)
     diffs = {n: (p.grad - ref[n]).abs().max().item() for n, p in strategy.model.named_parameters()}
     return {"loss": None if stats.loss is None else stats.loss.item(), "ref_loss": ref_loss,
             "max_grad_diff": max(diffs.values()), "names": sorted(diffs), "samples": stats.samples,

@@ -28,13 +28,13 @@ def _tp_gpt(rank, world_size):
 
     dist_setup.init(env.detect(), "gloo", 60)
 
-    def build():
-        torch.manual_seed(0)
-        return build_gpt(vocab_size=64, block_size=16, dim=32, heads=4, layers=2)
+    from disttrain.engine.materialize import ModelFactory
 
+    factory = ModelFactory(build=lambda: build_gpt(vocab_size=64, block_size=16, dim=32, heads=4, layers=2), seed=0)
     strategy = TensorParallel()
-    strategy.setup(chk.context(build, {}))
-    ref = build()
+    strategy.setup(chk.context(factory, {}))
+    engine = chk.engine_for(strategy)
+    ref = factory.full()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(3)
     x, y = torch.randint(0, 64, (4, 16), generator=g), torch.randint(0, 64, (4, 16), generator=g)
@@ -42,7 +42,7 @@ def _tp_gpt(rank, world_size):
            "sharded": sorted(n for n, p in strategy.model.named_parameters() if hasattr(p, "placements"))}
     loss_fn = SequenceCrossEntropy()
     for step in range(3):
-        stats = strategy.train_step([(x, y)], loss_fn)
+        stats = engine.train_step([(x, y)], loss_fn)
         ref_opt.zero_grad()
         ref_loss = loss_fn(ref(x), y)
         ref_loss.backward()
