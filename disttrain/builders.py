@@ -34,7 +34,9 @@ def model_builder(cfg: DictConfig, run_dir=None) -> Callable[[], nn.Module]:
     applied: the single-process reference (tests, benchmarks, the plan's probe)."""
 
     def build() -> nn.Module:
-        return memory_applier(cfg, run_dir)(model_factory(cfg).full("cpu"))
+        factory = model_factory(cfg)
+        on_meta = torch.empty(()).is_meta  # called under `with torch.device("meta")`: shapes only
+        return memory_applier(cfg, run_dir)(factory.meta() if on_meta else factory.full("cpu"))
 
     return build
 

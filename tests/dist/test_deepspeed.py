@@ -35,24 +35,22 @@ def _compose(*overrides):
 def _full_weights(strategy) -> dict[str, torch.Tensor]:
     engine = getattr(strategy, "engine", None)
     if engine is None:  # DDP
-        return {k: v.detach().clone() for k, v in strategy.model.module.state_dict().items()}
+        return {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # stage 3 shards them
         return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
-def _deepspeed(name: str):
-    from disttrain.strategies.deepspeed import DeepSpeed
-
-    return DeepSpeed(zero_stage=int(name[4]), offload_optimizer="cpu" if name.endswith("offload") else "none")
+def _deepspeed(name: str) -> list[str]:
+    return ["strategy=deepspeed", f"strategy.zero_stage={int(name[4])}",
+            f"strategy.offload_optimizer={'cpu' if name.endswith('offload') else 'none'}"]
 
 
 def _train(rank: int, world_size: int, names: list[str]):
     """Per optimizer: DDP, then DeepSpeed at each ZeRO stage, on the same per-rank batches."""
-    from disttrain import builders, dist as dist_setup, env
-    from disttrain.strategies.base import SetupContext
-    from disttrain.strategies.ddp import DDP
+    from disttrain import dist as dist_setup, env
+    from disttrain.engine.build import build_engine
 
     world = env.detect()
     device = dist_setup.init(world, "gloo", 120)
@@ -61,14 +59,13 @@ def _train(rank: int, world_size: int, names: list[str]):
                for _ in range(STEPS)]
     results = {}
     for optim in OPTIMIZERS:
-        cfg = _compose(f"optim={optim}", f"trainer.grad_accum_steps={ACCUM}", "data.batch_size=8")
-        for name, strategy in [("ddp", DDP())] + [(name, _deepspeed(name)) for name in names]:
-            strategy.setup(SetupContext(world=world, device=device, build_model=builders.model_builder(cfg),
-                                        build_optimizer=builders.optimizer_builder(cfg),
-                                        build_scheduler=builders.scheduler_builder(cfg), cfg=cfg, run_dir=Path(".")))
-            losses = [strategy.train_step(micro, torch.nn.functional.mse_loss).loss.item() for micro in batches]
+        for name in ["ddp", *names]:
+            chosen = ["strategy=ddp"] if name == "ddp" else _deepspeed(name)
+            cfg = _compose(f"optim={optim}", f"trainer.grad_accum_steps={ACCUM}", "data.batch_size=8", *chosen)
+            strategy, engine = build_engine(cfg, world, device, Path("."))
+            losses = [engine.train_step(micro, torch.nn.functional.mse_loss).loss.item() for micro in batches]
             results[optim, name] = (losses, _full_weights(strategy))
-            strategy.close()
+            engine.close()
     dist_setup.teardown()
     return results
 

@@ -19,13 +19,31 @@ def _data_and_model():
     return data, build_mlp(in_dim=4, hidden=8, depth=2, out_dim=1)
 
 
+class _Replica:
+    """What evaluate() asks of a strategy: a local model and this rank's shard."""
+
+    def __init__(self, model, shard):
+        self.model, self.shard = model, shard
+
+    def prepare_eval(self):
+        pass
+
+    def eval_shard(self):
+        return self.shard
+
+    def eval_outputs(self, inputs, precision):
+        return self.model(inputs)
+
+
 def _eval_on_rank(rank, world_size):
     from disttrain import dist as dist_setup, env, evaluate
+    from disttrain.precision import Precision
 
     dist_setup.init(env.detect(), "gloo", 60)
     try:
         data, model = _data_and_model()
-        return evaluate.evaluate(model, data, torch.nn.MSELoss(), 5, (rank, world_size), torch.device("cpu"))
+        return evaluate.evaluate(_Replica(model, (rank, world_size)), data, torch.nn.MSELoss(), 5, Precision(32),
+                                 torch.device("cpu"))
     finally:
         dist_setup.teardown()
 
@@ -33,9 +51,11 @@ def _eval_on_rank(rank, world_size):
 @pytest.mark.world_size(2)
 def test_sharded_validation_equals_one_process():
     from disttrain import evaluate
+    from disttrain.precision import Precision
 
     data, model = _data_and_model()
-    reference = evaluate.evaluate(model, data, torch.nn.MSELoss(), 37, (0, 1), torch.device("cpu"))
+    reference = evaluate.evaluate(_Replica(model, (0, 1)), data, torch.nn.MSELoss(), 37, Precision(32),
+                                  torch.device("cpu"))
     with torch.no_grad():
         assert reference == pytest.approx(torch.nn.functional.mse_loss(model(data.tensors[0]), data.tensors[1]).item())
     values = spawn(_eval_on_rank, 2)

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import ROOT, cli_env, run_process
 
-SOURCES = ("pyproject.toml", "README.md", "MANIFEST.in", "disttrain", "conf", "launch", "docker")
+SOURCES = ("pyproject.toml", "README.md", "MANIFEST.in", "Makefile", "disttrain", "conf", "launch", "docker")
 CONFIGS = sorted(str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml"))
 # ~40 s here, most of it the five CLI starts (torch + Hydra imports)
 pytestmark = pytest.mark.timeout(240)

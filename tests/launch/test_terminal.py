@@ -3,6 +3,7 @@ line at the bottom (step/total, ETA, loss, throughput) and the step lines print 
 each on its own line, never through the bar."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -23,8 +24,9 @@ BAR = re.compile(rf"^train [━╸╺ ]+ +(\d+)/{STEPS} (\d:\d\d:\d\d|-:--:--) l
 
 def _tmux(socket: str, *args: str, check: bool = True) -> str:
     """tmux on a server of this test's own (its own socket, no user config)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # pytest's 80x24
     return subprocess.run([TMUX, "-L", socket, "-f", "/dev/null", *args], capture_output=True, text=True,
-                          timeout=30, check=check).stdout
+                          timeout=30, check=check, env=env).stdout
 
 
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed (Debian: apt-get install tmux)")
@@ -32,7 +34,7 @@ def test_bar_stays_one_line_and_log_lines_print_above_it(tmp_path):
     socket = session = f"disttrain-{uuid.uuid4().hex[:8]}"
     run_dir = tmp_path / "run"
     # rank 0 sleeps 30 ms a step (a testing aid of disttrain.observe) so the bar is seen mid-run
-    command = (f"cd {tmp_path} && OMP_NUM_THREADS=1 {sys.executable} -m disttrain trainer.max_steps={STEPS} "
+    command = (f"cd {tmp_path} && unset COLUMNS LINES && OMP_NUM_THREADS=1 {sys.executable} -m disttrain trainer.max_steps={STEPS} "
                f"trainer.log_every={EVERY} metrics.debug_slow_rank=0 metrics.debug_slow_s=0.03 "
                f"metrics.peak_flops=1e12 checkpoint.every_steps=0 hydra.run.dir={run_dir}; echo EXITED $?")
     _tmux(socket, "new-session", "-d", "-s", session, "-x", "160", "-y", "50", "-c", str(ROOT), command)

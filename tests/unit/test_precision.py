@@ -10,8 +10,7 @@ from omegaconf import OmegaConf
 from disttrain import builders, env
 from disttrain.config import ConfigError, config_dir, validate
 from disttrain.precision import Precision, deepspeed_config
-from disttrain.strategies.base import SetupContext
-from disttrain.strategies.single import Single
+from disttrain.engine.build import build_engine
 
 #: bf16 keeps 8 bits of mantissa: after 150 SGD steps on the reference regression task its
 #: mean loss over the last 10 steps must land within 5% (relative) of fp32's
@@ -24,12 +23,9 @@ def _compose(*overrides):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def _strategy(cfg) -> Single:
-    strategy = Single()
-    strategy.setup(SetupContext(world=env.detect({}), device=torch.device("cpu"),
-                                build_model=builders.model_builder(cfg), build_optimizer=builders.optimizer_builder(cfg),
-                                build_scheduler=builders.scheduler_builder(cfg), cfg=cfg, run_dir=Path(".")))
-    return strategy
+def _strategy(cfg):
+    """The run's engine (strategy=single) in this process: the step under test."""
+    return build_engine(cfg, env.detect({}), torch.device("cpu"), Path("."))[1]
 
 
 def _batches(cfg, steps):
@@ -40,7 +36,7 @@ def _batches(cfg, steps):
         sampler.advance(1)
 
 
-def _train(precision: str, steps: int = 150) -> tuple[float, float, Single]:
+def _train(precision: str, steps: int = 150):
     cfg = _compose(f"trainer.precision={precision}", "strategy=single", "optim.lr=0.05")
     strategy, loss_fn = _strategy(cfg), builders.build_loss(cfg)
     losses = [strategy.train_step([batch], loss_fn).loss.item() for batch in _batches(cfg, steps)]
@@ -89,7 +85,7 @@ def test_without_loss_scaling_the_same_overflow_destroys_the_weights():
     assert not all(torch.isfinite(p).all() for p in strategy.model.parameters())
 
 
-def test_scaler_state_rides_in_the_strategy_state_dict():
+def test_scaler_state_rides_in_the_engine_state_dict():
     strategy, _ = _overflow_run("fp16")
     state = strategy.state_dict()
     assert float(state["precision"]["scale"]) == 2.0**15 and int(state["precision"]["skipped"]) == 1
