@@ -44,7 +44,7 @@ def ours(rank: int, world_size: int, hidden: int, steps: int, warmup: int) -> fl
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    step_times = [e.value for e in events.Scalars("train/step_time_s")][1:]  # skip warm-up interval
+    step_times = [e.value for e in events.Scalars("train/time_step_s")][1:]  # skip warm-up interval
     return world_size * BATCH / statistics.mean(step_times)
 
 

@@ -86,7 +86,7 @@ def main() -> None:
           f"{args.delay * args.batch * 1e3:.0f} ms/batch; MLP 32-1024x4-1 on 1 thread; {args.steps} steps; medians of {args.rounds} rounds")
     print(f"{'workers':>7} {'prefetch':>8} {'samples/s':>10} {'step ms':>8} {'wait ms':>8} {'wait share':>10} {'speed-up':>8}")
     for workers, prefetch, f in rows:
-        print(f"{workers:>7} {prefetch:>8} {f['samples_per_s']:>10.0f} {f['step_time_s'] * 1e3:>8.1f} "
+        print(f"{workers:>7} {prefetch:>8} {f['samples_per_s']:>10.0f} {f['time_step_s'] * 1e3:>8.1f} "
               f"{f['data_wait_s'] * 1e3:>8.1f} {f['data_wait_share']:>10.0%} {f['samples_per_s'] / base:>7.2f}x")
 
 

@@ -62,12 +62,15 @@ class JsonLines:
     figures (prefix ``train``) keep their names (``loss``, ``time_step_s``...), the others
     carry their TensorBoard prefix (``rank1/time_step_s``, ``observe/straggler/count``).
     Figures of a step arrive in several calls; the ``train`` call completes the step's object
-    and writes it; anything recorded for a step after that (the validation loss) gets an object
-    of its own with the same ``step``. Non-finite values are written as null (strict JSON)."""
+    and writes it; a figure recorded for a step after that (the validation loss, computed
+    after the step's log) is written at once as an object of its own with the same ``step``.
+    Non-finite values are written as null (strict JSON). A resumed run appends: steps
+    retrained after a restart appear again, the last object for a step is the current one."""
 
     def __init__(self, path: Path):
         self.file = path.open("a", encoding="utf-8")
         self.pending: dict[int, dict[str, float | None]] = {}
+        self.written = -1  # the last step whose train object is written
 
     def add(self, step: int, values: dict[str, float], prefix: str) -> None:
         record = self.pending.setdefault(step, {})
@@ -75,6 +78,8 @@ class JsonLines:
             number = float(value)
             record[key if prefix == "train" else f"{prefix}/{key}"] = number if math.isfinite(number) else None
         if prefix == "train":
+            self.written = step
+        if prefix == "train" or step <= self.written:
             self.write_through(step)
 
     def write_through(self, last: int | None = None) -> None:

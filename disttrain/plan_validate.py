@@ -28,7 +28,9 @@ CANDIDATES = {
 
 
 def _overrides(argv: list[str]) -> list[str]:
-    return [a for a in argv if not a.startswith(("plan.", "dist.nproc_per_node=", "strategy=", "hydra."))]
+    # hydra.searchpath stays: the measured runs must see the user's config directories.
+    return [a for a in argv if not a.startswith(("plan.", "dist.nproc_per_node=", "strategy=", "hydra."))
+            or a.startswith("hydra.searchpath=")]
 
 
 def run_measured(argv: list[str], strategy: str, nproc: int, steps: int, threads: int, extra: list[str],

@@ -100,6 +100,7 @@ def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dic
     log.info("training %s on %d rank(s) (%s, %s) from step %d to %d; run dir %s", type(strategy).__name__,
              world.world_size, world.launcher, device, start, cfg.trainer.max_steps, run_dir)
     try:
+        meter.reset()  # the first interval's throughput must not count the set-up
         last = train(settings, parts, start)
     finally:
         guard.finish()

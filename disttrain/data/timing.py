@@ -3,7 +3,7 @@
 
 The loop wraps its batch fetch (``next`` + copy to the device) in ``waited()`` and reports
 the seconds as ``data_wait_s`` in StepStats.extra, so the Meter averages it per step and
-TensorBoard shows it next to ``step_time_s``.
+TensorBoard shows it next to ``time_step_s``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def waited() -> Iterator[Waited]:
 def add_share_and_warn(step: int, fields: dict[str, float]) -> None:
     """Add ``data_wait_share`` (data-wait / step time, this rank) to a flushed interval's
     figures and log a warning naming the knobs when the run is input-bound."""
-    wait, step_time = fields.get("data_wait_s"), fields.get("step_time_s")
+    wait, step_time = fields.get("data_wait_s"), fields.get("time_step_s")
     if wait is None or not step_time:
         return
     share = min(wait / step_time, 1.0)

@@ -164,7 +164,9 @@ class Observer(NullObserver):
         for rank, row in enumerate(table):
             self.tensorboard.scalars(step, {k: v for k, v in row.items() if k != "peak_flops"}, prefix=f"rank{rank}")
         if len(table) > 1:
-            log.info("step %d per rank: samples/s %s  step ms %s  comm ms %s  peak mem GB %s", step,
+            # A person needs the per-rank table only when ranks disagree (a straggler was named).
+            log.log(logging.INFO if self.stragglers else logging.DEBUG,
+                    "step %d per rank: samples/s %s  step ms %s  comm ms %s  peak mem GB %s", step,
                      _fmt(table, "samples_per_s", 1), _fmt(table, "time_step_s", 1e3),
                      _fmt(table, "time_comm_s", 1e3), _fmt(table, "peak_mem_gb", 1))
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from disttrain.ps import protocol
 from disttrain.ps.gate import StalenessGate
+from disttrain.ps.hold import StragglerHold, SyncPoints
 from disttrain.ps.stats import ServerStats
 
 log = logging.getLogger("disttrain")
@@ -34,11 +35,9 @@ class ServerSettings:
     grad_clip: float | None = None  # clip each applied gradient to this global norm
     servers_group: Any = None       # s=0 with several servers: the round's norm is summed over it
     #: debug (tests): workers whose pushes are held back until no other worker can make
-    #: progress, i.e. a straggler whose gradients reach the staleness bound by construction.
+    #: progress (disttrain.ps.hold), and the loop's sync points that decide it.
     hold_workers: frozenset = frozenset()
-
-#: with a push held, a worker idle this long (no pull, nothing in flight) is parked at a sync point.
-_PARKED_S = 0.3
+    sync_points: SyncPoints | None = None
 
 
 class ShardServer:
@@ -57,8 +56,7 @@ class ShardServer:
         self.round: dict[int, tuple[torch.Tensor, int]] = {}
         self.sends: list[tuple[list[Any], list[torch.Tensor], int]] = []
         self.events: queue.Queue = queue.Queue()
-        self.held: dict[int, tuple[protocol.Header, torch.Tensor]] = {}
-        self.last_event = 0.0
+        self.hold = StragglerHold(settings.hold_workers, settings.sync_points)
         self.threads = [threading.Thread(target=self._receive, args=(w,), daemon=True,
                                          name=f"ps-recv-w{w}") for w in range(settings.num_workers)]
         for thread in self.threads:
@@ -94,7 +92,7 @@ class ShardServer:
 
     def finish(self) -> None:
         """Serve until every worker has said goodbye (or died); then flush sends."""
-        while self.live or self.held:
+        while self.live or self.hold.held:
             self._next_event()
         for works, _, worker in self.sends:
             self._wait(works, worker)
@@ -103,16 +101,16 @@ class ShardServer:
 
     def _next_event(self) -> None:
         try:
-            worker, header, payload = self.events.get(timeout=0.05 if self.held else 1.0)
+            worker, header, payload = self.events.get(timeout=0.05 if self.hold.held else 1.0)
         except queue.Empty:
             self._release_held()
             self._prune_sends()
             return
-        self.last_event = time.monotonic()
+        self.hold.quiet_since = time.monotonic()
         if header is None:
             self._lost(worker, payload)
-        elif header.kind == protocol.PUSH and worker in self.settings.hold_workers and not self.gate.synchronous:
-            self.held[worker] = (header, payload)
+        elif header.kind == protocol.PUSH and self.hold.wants(worker, self.gate.synchronous):
+            self.hold.hold(worker, header, payload)
         elif header.kind == protocol.PUSH:
             self._on_push(worker, header, payload)
         elif header.kind == protocol.PULL:
@@ -126,21 +124,10 @@ class ShardServer:
         self._prune_sends()
 
     def _release_held(self) -> None:
-        """Apply held pushes once no other live worker can move: none is computing and each
-        one either waits on a pull the gate refuses (then the held gradient's staleness is
-        exactly the bound) or has been idle for _PARKED_S (parked at a loop sync point)."""
-        if not self.held:
-            return
-        others = self.live - set(self.held)
-        if any(w in self.gate.outstanding for w in others):
-            return
-        blocked = all(w in self.pulls for w in others)
-        if not blocked and time.monotonic() - self.last_event < _PARKED_S:
-            return
-        held, self.held = self.held, {}
-        for worker, (header, grad) in sorted(held.items()):
-            self._on_push(worker, header, grad)
-        self._grant_pulls()
+        if self.hold.ready(self.live, self.gate.outstanding, self.pulls, self.session_pushes):
+            for worker, (header, grad) in self.hold.take():
+                self._on_push(worker, header, grad)
+            self._grant_pulls()
 
     def _on_push(self, worker: int, header: protocol.Header, grad: torch.Tensor) -> None:
         self.stats.push_received(worker, header.loss)
@@ -192,7 +179,7 @@ class ShardServer:
             worker = self.pulls.popleft()
             if worker not in self.live:
                 continue
-            if worker in self.held:  # its previous gradient is not applied yet
+            if worker in self.hold.held:  # its previous gradient is not applied yet
                 waiting.append(worker)
                 continue
             if self.gate.may_grant(worker, self.stats.version):

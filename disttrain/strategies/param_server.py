@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from disttrain.ps import protocol
+from disttrain.ps.hold import SyncPoints
 from disttrain.ps.server import ServerSettings, ShardServer
 from disttrain.ps.stats import ServerStats
 from disttrain.ps.worker import WorkerClient
@@ -143,8 +144,12 @@ class ParamServer(SelfStepping):
         tb_dir = ctx.run_dir / "tensorboard" / f"ps_server{self.world.rank}"
         self.stats = ServerStats(self.num_workers, self.world.rank, tb_dir)
         held = frozenset(self.debug_slow_workers) if self.debug_hold else frozenset()
-        settings = ServerSettings(self.max_staleness, self.staleness_lr, self.num_servers, self.num_workers, held,
-                                  grad_clip=self.grad_clip, servers_group=self.servers_group)
+        sync = SyncPoints.of([self.log_every, int(ctx.cfg.checkpoint.every_steps), int(ctx.cfg.trainer.eval_every or 0),
+                              int(OmegaConf.select(ctx.cfg, "metrics.straggler_every", default=0) or 0)],
+                             last=int(ctx.cfg.trainer.max_steps))
+        settings = ServerSettings(self.max_staleness, self.staleness_lr, self.num_servers, self.num_workers,
+                                  hold_workers=held,
+                                  sync_points=sync, grad_clip=self.grad_clip, servers_group=self.servers_group)
         self.server = ShardServer(shard, self.optimizer, self.group, settings, self.stats)
         log.info("ps server %d: %d tensors, %d parameters; %d workers; max_staleness=%s staleness_lr=%s",
                  self.world.rank, len(shard), sum(p.numel() for p in shard), self.num_workers,
@@ -198,6 +203,7 @@ class ParamServer(SelfStepping):
         self.scheduler.load_state_dict(mine["scheduler"])
         for key, value in mine["counters"].items():
             self.stats.totals[key].copy_(value)
+        self.server.hold.step_offset = int(self.stats.totals["steps"])  # sync points are global steps
         log.info("ps server %d resumed at version %d", self.world.rank, self.stats.version)
 
     # ---- evaluation: on the servers' current weights -------------------------------

@@ -94,10 +94,11 @@ def test_workers_keep_samples_and_order_and_ranks_split_the_corpus(tmp_path):
 
 
 class Sleeper:
-    """A strategy whose step takes ``seconds`` of (sleeping) compute: the loader, the loop's
+    """An engine whose step takes ``seconds`` of (sleeping) compute: the loader, the loop's
     timing and TensorBoard are the real ones."""
 
-    optimizer = None
+    def lr(self):
+        return None
 
     def __init__(self, seconds):
         self.seconds = seconds
@@ -124,7 +125,7 @@ def _data_wait(tmp_path, workers):
     loader, sampler = builders.build_loader(cfg, synthetic_regression(size=512), (0, 1))
     run_dir, cpu = tmp_path / f"w{workers}", torch.device("cpu")
     board = TensorBoard(run_dir, enabled=True)
-    parts = LoopParts(strategy=Sleeper(0.06), batches=iter(loader), advance_data=sampler.advance, loss_fn=None,
+    parts = LoopParts(engine=Sleeper(0.06), batches=iter(loader), advance_data=sampler.advance, loss_fn=None,
                       save=lambda step: None, meter=Meter(cpu), tensorboard=board,
                       progress=Progress(20, 0, "log", enabled=False), device=cpu)
     train(LoopSettings(max_steps=20, grad_accum_steps=1, log_every=5, checkpoint_every=0), parts, 0)
@@ -185,5 +186,5 @@ def test_killed_run_with_workers_resumes_bitwise(tmp_path):
     events = EventAccumulator(str(ref_dir / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"train/data_wait_s", "train/data_wait_share", "train/step_time_s", "train/loss_scale"} <= set(tags)
+    assert {"train/data_wait_s", "train/data_wait_share", "train/time_step_s", "train/loss_scale"} <= set(tags)
     assert "input-bound" in (ref_dir / "train.log").read_text()  # 2 slow workers cannot feed an MLP

@@ -84,7 +84,7 @@ def logged_step(run_dir: Path) -> int:
     """The last step rank 0 logged (train.log lines 'step N ...')."""
     log = run_dir / "train.log"
     text = log.read_text() if log.exists() else ""
-    return max((int(n) for n in re.findall(r"disttrain: step (\d+) ", text)), default=0)
+    return max((int(n) for n in re.findall(r"disttrain: step (\d+)/", text)), default=0)
 
 
 def children(pid: int) -> list[int]:

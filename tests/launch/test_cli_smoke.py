@@ -19,7 +19,7 @@ def test_dev_run_writes_one_run_dir_with_checkpoints_and_tensorboard(tmp_path):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/samples_per_s", "train/step_time_s"} <= tags
+    assert {"train/loss", "train/lr", "train/samples_per_s", "train/time_step_s"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [4, 8]
 
     # Same command again with more steps: resumes at 8 instead of starting over.

@@ -62,6 +62,13 @@ def test_hadolint(path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("script", ["make-base-image.sh", "build-cpu-image.sh"])
+def test_image_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(ROOT / "docker" / script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert os.access(ROOT / "docker" / script, os.X_OK)
+
+
 def _image_present() -> bool:
     if PODMAN is None:
         return False

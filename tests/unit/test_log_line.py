@@ -56,6 +56,7 @@ def test_metrics_jsonl_holds_every_scalar_once_per_logging_step(tmp_path):
     board.scalars(10, {"time_step_s": 0.002}, prefix="rank0")         # the observer, then the loop
     board.scalars(10, {"loss": 0.5, "samples_per_s": 100.0})
     board.scalars(10, {"loss": 0.6}, prefix="val")                    # evaluation after the step
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3  # written at once, not at close
     board.scalars(20, {"loss": math.inf, "samples_per_s": 90.0})
     board.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
