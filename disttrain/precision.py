@@ -103,6 +103,9 @@ class Precision:
         """fp16: divide the gradients by the loss scale before clipping; the inf/nan check
         is agreed by every rank (each holds only its shard or stage of the gradients)."""
         if self.scaler is not None:
+            # A rank that never computed the loss (a first pipeline stage) holds scaled
+            # gradients too; scaling a dummy sets up its scaler's state for this step.
+            self.scaler.scale(torch.zeros((), device=self.device_type))
             self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dict[str, float]:

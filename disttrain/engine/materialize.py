@@ -130,9 +130,12 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace parameter/buffer ``name`` by ``value``, sharded like the original if it is a DTensor."""
     old = module._parameters.get(name, module._buffers.get(name))
     if _is_dtensor(old):
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
-        value = distribute_tensor(value, old.device_mesh, old.placements, src_data_rank=None)
+        full = distribute_tensor(value, old.device_mesh, old.placements, src_data_rank=None)
+        # The local shard is a view of the full tensor: copy it, or the whole layer stays alive.
+        value = DTensor.from_local(full.to_local().clone(), old.device_mesh, old.placements, run_check=False,
+                                   shape=full.shape, stride=full.stride())
     if name in module._parameters:
         module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
     else:

@@ -20,7 +20,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from disttrain.parallel import mesh as mesh_mod, split
-from disttrain.engine.capabilities import Capabilities
 from disttrain.engine.materialize import scratch_copy
 from disttrain.parallel.timing import StageClock, stage_report, theory_bubble
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, samples_of
@@ -35,10 +34,6 @@ def _balance_value(balance: Any) -> Any:
 
 class Pipeline(Strategy):
     """dp x pp: each pipeline rank holds its stage(s); the last stage computes the loss."""
-
-    capabilities = Capabilities(why={"activation_offload": "offload hooks wrap a whole forward, and torch's "
-                                     "schedules run each stage's forward per micro-batch"},
-                                activation_offload=("none",))
 
     def __init__(self, micro_batches: int = 4, schedule: str = "1f1b", stages_per_rank: int = 1,
                  balance: Any = "params"):
