@@ -43,6 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "ddp_overhead.jsonl"
 SIZES = {"mlp-1024": 1024, "mlp-256": 256}
+#: the small model's steps are ~6x shorter: it runs 4x --steps, so every timed window lasts seconds.
+STEPS_SCALE = {"mlp-1024": 1, "mlp-256": 4}
+LOG_EVERY = 50  # disttrain's logging interval (a logging step all-reduces and gathers figures)
 BATCH = 64
 IN_DIM, DEPTH, CLASSES, DATASET = 512, 3, 10, 8192
 LR, MOMENTUM = 0.05, 0.9
@@ -187,10 +190,10 @@ def fabric(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spe
 # ---------------------------------------------------------------------------- disttrain
 
 
-def _overrides(hidden: int, steps: int, warmup: int) -> list[str]:
+def _overrides(hidden: int, steps: int) -> list[str]:
     return ["strategy=ddp", "data=synthetic_classification", "loss=cross_entropy", f"model.in_dim={IN_DIM}",
             f"model.hidden={hidden}", f"model.depth={DEPTH}", f"model.out_dim={CLASSES}", f"data.size={DATASET}",
-            f"data.batch_size={BATCH}", f"trainer.max_steps={steps}", f"trainer.log_every={warmup}",
+            f"data.batch_size={BATCH}", f"trainer.max_steps={steps}", f"trainer.log_every={LOG_EVERY}",
             "checkpoint.every_steps=0", "trainer.progress=log", f"optim.lr={LR}", f"optim.momentum={MOMENTUM}"]
 
 
@@ -255,7 +258,7 @@ def ours(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec:
 
     disttrain.run.train = timed_train
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=_overrides(hidden, steps, warmup) + extra)
+        cfg = compose(config_name="config", overrides=_overrides(hidden, steps) + extra)
     run_dir = Path(tempfile.mkdtemp(prefix="bench-ddp-"))
     try:
         disttrain.run.run_rank(cfg, run_dir)
@@ -295,20 +298,20 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=200, help="steps per run (the first quarter is warm-up)")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="steps per run of mlp-1024 (mlp-256: 4x); the first quarter is warm-up")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--worlds", nargs="+", type=int, default=[2], help="rank counts (2 1: weak scaling too)")
     parser.add_argument("--variants", nargs="+", default=["plain", "ours", "fabric"])
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the raw rows are appended to")
     args = parser.parse_args()
     variants = _variants(args.variants)
-    warmup = args.steps // 4
     import torch
 
     base_row = {"bench": "ddp_overhead", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
                 "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
                 "lightning_fabric": fabric_version(), "python": platform.python_version(),
-                "cpus": os.cpu_count(), "batch_per_rank": BATCH, "steps": args.steps, "warmup": warmup,
+                "cpus": os.cpu_count(), "batch_per_rank": BATCH, "log_every": LOG_EVERY,
                 "threads_per_rank": 1, "backend": "gloo"}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, str, int], list[float]] = {}
@@ -316,15 +319,17 @@ def main() -> None:
         shift = round_index % len(variants)
         order = variants[shift:] + variants[:shift]  # rotate: no variant always runs first
         for name in args.sizes:
+            steps = args.steps * STEPS_SCALE[name]
+            warmup = steps // 4
             for world in args.worlds:
                 for label in order:
                     base, _, spec = label.partition(":")
                     load = os.getloadavg()[0]
-                    value = spawn(VARIANTS[base], world, SIZES[name], args.steps, warmup, spec, timeout=900)[0]
+                    value = spawn(VARIANTS[base], world, SIZES[name], steps, warmup, spec, timeout=900)[0]
                     results.setdefault((name, label, world), []).append(value)
                     row = {**base_row, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "round": round_index, "model": name, "hidden": SIZES[name], "world": world,
-                           "variant": label, "samples_per_s": round(value, 1), "loadavg_1m": round(load, 2)}
+                           "steps": steps, "warmup": warmup, "variant": label, "samples_per_s": round(value, 1), "loadavg_1m": round(load, 2)}
                     with args.results.open("a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
                     print(f"round {round_index} {name} world={world} {label}: {value:,.0f} samples/s", flush=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 
 log = logging.getLogger("disttrain")
@@ -20,20 +19,17 @@ log = logging.getLogger("disttrain")
 
 @dataclasses.dataclass(frozen=True)
 class SyncPoints:
-    """The loop steps at which every rank meets: multiples of ``every`` and ``last``."""
+    """The loop steps at which every rank meets: multiples of each cadence, and ``last``."""
 
-    every: int
+    cadences: tuple[int, ...]
     last: int
 
     @classmethod
     def of(cls, cadences: list[int], last: int) -> "SyncPoints":
-        every = 0
-        for cadence in (c for c in cadences if c and c > 0):
-            every = math.gcd(every, cadence)
-        return cls(every or last, last)
+        return cls(tuple(sorted({c for c in cadences if c and c > 0})), last)
 
     def next_at_or_after(self, step: int) -> int:
-        return min(-(-step // self.every) * self.every, self.last)
+        return min([-(-step // c) * c for c in self.cadences] + [self.last])
 
 
 class StragglerHold:
