@@ -1,6 +1,7 @@
 """strategy=param_server on real gloo processes (the real CLI, 3-4 ranks): synchronous
 equivalence, the staleness bound under a straggler, exact resume, a killed worker, and
 convergence."""
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -28,14 +29,18 @@ def counters(run_dir: Path, step: int, server: int = 0) -> dict:
     return {k: v.clone() for k, v in loaded[f"ps_server{server}"]["counters"].items()}
 
 
-def synchronous_sgd_reference(run_dir: Path, steps: int, workers: int) -> dict:
+def synchronous_sgd_reference(run_dir: Path, steps: int, workers: int, clip: float | None = None) -> dict:
     """One process: each step, the gradients of every worker's batch (same samplers as
-    the workers) averaged, then the run's optimizer and scheduler."""
+    the workers) averaged, clipped by their global norm (when ``clip``), then the run's
+    optimizer and scheduler: what DDP does."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "resolved.yaml")
     model = builders.model_builder(cfg)()
     optimizer = builders.optimizer_builder(cfg)(model.parameters())
     scheduler = builders.scheduler_builder(cfg)(optimizer)
-    dataset, loss_fn = builders.build_dataset(cfg), builders.build_loss(cfg)
+    from disttrain.evaluate import split_from_config
+
+    dataset, _ = split_from_config(cfg, builders.build_dataset(cfg))  # the training split
+    loss_fn = builders.build_loss(cfg)
     samplers = [iter(ResumableBatchSampler(len(dataset), cfg.data.batch_size, rank=w, world_size=workers,
                                            seed=cfg.trainer.seed, shuffle=cfg.data.get("shuffle", True)))
                 for w in range(workers)]
@@ -51,6 +56,8 @@ def synchronous_sgd_reference(run_dir: Path, steps: int, workers: int) -> dict:
             for grad in per_worker[1:]:
                 total += grad
             param.grad = total.div_(workers)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()
     return model.state_dict()
@@ -84,6 +91,42 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(sync_run, tmp_path):
     final, uninterrupted = load_model_state(resumed), load_model_state(sync_run)
     assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
     assert int(counters(resumed, 12)["version"]) == 12 and int(counters(resumed, 12)["steps"]) == 12
+
+
+def test_clipping_and_evaluation_on_the_servers_equal_synchronous_sgd(tmp_path):
+    """s=0 with trainer.grad_clip: the servers clip the round's averaged gradient by its
+    global norm, as DDP does; validation runs on the servers' current weights (no
+    mismatched collectives between servers and workers) and equals one process evaluating
+    those weights. bf16 on the workers is honoured (the weights move off the fp32 run's)."""
+    from disttrain.evaluate import split_from_config
+
+    run_dir = tmp_path / "clip"
+    run_disttrain(SYNC + ["trainer.grad_clip=0.05", "data.val_fraction=0.25", "trainer.eval_every=6"], run_dir,
+                  timeout=300)
+    trained = load_model_state(run_dir)
+    reference = synchronous_sgd_reference(run_dir, steps=12, workers=2, clip=0.05)
+    unclipped = synchronous_sgd_reference(run_dir, steps=12, workers=2)
+    for name in reference:
+        torch.testing.assert_close(trained[name], reference[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert max((reference[k] - unclipped[k]).abs().max().item() for k in reference) > 1e-4  # clipping acted
+    cfg = OmegaConf.load(run_dir / ".hydra" / "resolved.yaml")
+    model, loss_fn = builders.model_builder(cfg)(), builders.build_loss(cfg)
+    model.load_state_dict(trained)
+    _, val_set = split_from_config(cfg, builders.build_dataset(cfg))
+    inputs, targets = (torch.stack(column) for column in zip(*[val_set[i] for i in range(len(val_set))]))
+    with torch.no_grad():
+        expected = loss_fn(model(inputs), targets).item()
+    logged = [float(v) for v in re.findall(r"step 12  val_loss (\S+)", _logs(run_dir))]
+    assert logged and logged[0] == pytest.approx(expected, rel=1e-5), (logged, expected)
+
+
+def test_bf16_on_workers_is_honoured_and_fp16_refused(sync_run, tmp_path):
+    run_disttrain(SYNC + ["trainer.precision=bf16"], tmp_path / "bf16", timeout=300)
+    bf16, fp32 = load_model_state(tmp_path / "bf16"), load_model_state(sync_run)
+    moved = max((bf16[k] - fp32[k]).abs().max().item() for k in fp32)
+    assert 1e-5 < moved < 1e-2, moved  # bf16 rounding, not a different training
+    proc = run_disttrain(SYNC + ["trainer.precision=fp16"], tmp_path / "fp16", check=False, timeout=120)
+    assert proc.returncode == 2 and "strategy=param_server does not support trainer.precision=fp16" in proc.stderr
 
 
 def test_straggler_never_makes_a_gradient_older_than_the_bound(tmp_path):
