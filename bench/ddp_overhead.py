@@ -72,8 +72,18 @@ def _dataset():
     return synthetic_classification(DATASET, IN_DIM, CLASSES)
 
 
-def _rate(world_size: int, steps: int, warmup: int, elapsed: float) -> float:
-    return world_size * BATCH * (steps - warmup) / elapsed
+def _marked(step: int, warmup: int) -> bool:
+    """Steps after which a variant takes a timestamp: the end of the warm-up, then every
+    LOG_EVERY steps (each window holds exactly one of disttrain's logging steps)."""
+    return step >= warmup and step % LOG_EVERY == 0
+
+
+def rates(world_size: int, marks: list[float]) -> tuple[float, float]:
+    """(samples/s over the whole timed interval, median samples/s of its LOG_EVERY-step
+    windows). The median resists another job's burst on a shared machine."""
+    per_window = world_size * BATCH * LOG_EVERY
+    windows = [per_window / (b - a) for a, b in zip(marks, marks[1:])]
+    return per_window * len(windows) / (marks[-1] - marks[0]), statistics.median(windows)
 
 
 def _teardown() -> None:
@@ -121,10 +131,8 @@ def plain(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     dataset = _dataset()
     loader = DataLoader(dataset, batch_size=BATCH, sampler=DistributedSampler(dataset), drop_last=True)
-    batches = iter(loader)
-    for step in range(steps):
-        if step == warmup:
-            start = time.perf_counter()
+    batches, marks = iter(loader), []
+    for step in range(1, steps + 1):
         try:
             x, y = next(batches)
         except StopIteration:
@@ -137,9 +145,10 @@ def plain(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec
             flag = torch.zeros(1)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             flag.item()
-    elapsed = time.perf_counter() - start
+        if _marked(step, warmup):
+            marks.append(time.perf_counter())
     _teardown()
-    return _rate(world_size, steps, warmup, elapsed)
+    return marks
 
 
 # ---------------------------------------------------------------------------- Lightning Fabric
@@ -170,10 +179,8 @@ def fabric(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spe
     model, optimizer = runner.setup(model, optimizer)
     # setup_dataloaders swaps in a DistributedSampler (shuffle=True), like the plain loop's.
     loader = runner.setup_dataloaders(DataLoader(_dataset(), batch_size=BATCH, shuffle=True, drop_last=True))
-    batches = iter(loader)
-    for step in range(steps):
-        if step == warmup:
-            start = time.perf_counter()
+    batches, marks = iter(loader), []
+    for step in range(1, steps + 1):
         try:
             x, y = next(batches)
         except StopIteration:
@@ -182,9 +189,10 @@ def fabric(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spe
         optimizer.zero_grad()
         runner.backward(torch.nn.functional.cross_entropy(model(x), y))
         optimizer.step()
-    elapsed = time.perf_counter() - start
+        if _marked(step, warmup):
+            marks.append(time.perf_counter())
     _teardown()
-    return _rate(world_size, steps, warmup, elapsed)
+    return marks
 
 
 # ---------------------------------------------------------------------------- disttrain
@@ -194,7 +202,8 @@ def _overrides(hidden: int, steps: int) -> list[str]:
     return ["strategy=ddp", "data=synthetic_classification", "loss=cross_entropy", f"model.in_dim={IN_DIM}",
             f"model.hidden={hidden}", f"model.depth={DEPTH}", f"model.out_dim={CLASSES}", f"data.size={DATASET}",
             f"data.batch_size={BATCH}", f"trainer.max_steps={steps}", f"trainer.log_every={LOG_EVERY}",
-            "checkpoint.every_steps=0", "trainer.progress=log", f"optim.lr={LR}", f"optim.momentum={MOMENTUM}"]
+            "checkpoint.every_steps=0", "trainer.progress=log", f"optim.lr={LR}", f"optim.momentum={MOMENTUM}",
+            "metrics.peak_flops=1e11"]  # skips the start-up matmul probe (MFU's denominator only)
 
 
 def _patch_null_observer() -> None:
@@ -241,7 +250,7 @@ def ours(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec:
     for item in patches:
         OURS_PATCHES[item.removeprefix("patch=")]()
     torch.set_num_threads(1)
-    marks: dict[int, float] = {}
+    marks: list[float] = []
     real_train = disttrain.run.train
 
     def timed_train(settings, parts, start):
@@ -249,8 +258,8 @@ def ours(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec:
 
         def after_step(step, fields):
             stop = inner(step, fields)
-            if step in (warmup, steps):
-                marks[step] = time.perf_counter()
+            if _marked(step, warmup):
+                marks.append(time.perf_counter())
             return stop
 
         parts.after_step = after_step
@@ -264,7 +273,7 @@ def ours(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec:
         disttrain.run.run_rank(cfg, run_dir)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return _rate(world_size, steps, warmup, marks[steps] - marks[warmup])
+    return marks
 
 
 VARIANTS = {"plain": plain, "ours": ours, "fabric": fabric}
@@ -299,7 +308,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200,
-                        help="steps per run of mlp-1024 (mlp-256: 4x); the first quarter is warm-up")
+                        help=f"steps per run of mlp-1024 (mlp-256: 4x); the first {LOG_EVERY} are warm-up")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--worlds", nargs="+", type=int, default=[2], help="rank counts (2 1: weak scaling too)")
     parser.add_argument("--variants", nargs="+", default=["plain", "ours", "fabric"])
@@ -314,40 +323,54 @@ def main() -> None:
                 "cpus": os.cpu_count(), "batch_per_rank": BATCH, "log_every": LOG_EVERY,
                 "threads_per_rank": 1, "backend": "gloo"}
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[tuple[str, str, int], list[float]] = {}
+    #: (model, variant, world) -> per round (samples/s over the interval, median of its windows)
+    results: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
     for round_index in range(args.rounds):
         shift = round_index % len(variants)
         order = variants[shift:] + variants[:shift]  # rotate: no variant always runs first
         for name in args.sizes:
             steps = args.steps * STEPS_SCALE[name]
-            warmup = steps // 4
+            warmup = LOG_EVERY
             for world in args.worlds:
                 for label in order:
                     base, _, spec = label.partition(":")
                     load = os.getloadavg()[0]
-                    value = spawn(VARIANTS[base], world, SIZES[name], steps, warmup, spec, timeout=900)[0]
-                    results.setdefault((name, label, world), []).append(value)
+                    marks = spawn(VARIANTS[base], world, SIZES[name], steps, warmup, spec, timeout=900)[0]
+                    mean, window = rates(world, marks)
+                    results.setdefault((name, label, world), []).append((mean, window))
                     row = {**base_row, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "round": round_index, "model": name, "hidden": SIZES[name], "world": world,
-                           "steps": steps, "warmup": warmup, "variant": label, "samples_per_s": round(value, 1), "loadavg_1m": round(load, 2)}
+                           "steps": steps, "warmup": warmup, "variant": label, "samples_per_s": round(mean, 1),
+                           "samples_per_s_window_median": round(window, 1), "windows": len(marks) - 1,
+                           "loadavg_1m": round(load, 2)}
                     with args.results.open("a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
-                    print(f"round {round_index} {name} world={world} {label}: {value:,.0f} samples/s", flush=True)
-    print(f"\nmedians of {args.rounds} round(s), samples/s on 2 ranks (ratio to plain); rows in {args.results}")
-    for name in args.sizes:
-        med = {k: statistics.median(v) for k, v in results.items() if k[0] == name}
-        world = max(args.worlds)
-        reference = med.get((name, "plain", world))
-        cells = []
-        for label in variants:
-            value = med[(name, label, world)]
-            ratio = f" ({value / reference:.3f}x)" if reference else ""
-            cells.append(f"{label} {value:,.0f}{ratio}")
-        print(f"{name:9s} world={world}: " + "   ".join(cells))
-        if 1 in args.worlds and world > 1:
-            scaling = [f"{label} {med[(name, label, world)] / (world * med[(name, label, 1)]):.3f}" for label in variants]
-            print(f"{'':9s} weak scaling 1->{world}: " + "   ".join(scaling))
+                    print(f"round {round_index} {name} world={world} {label}: {mean:,.0f} samples/s "
+                          f"(window median {window:,.0f}; load {load:.1f})", flush=True)
+    _summary(args, variants, results)
 
+
+def _summary(args, variants: list[str], results) -> None:
+    world = max(args.worlds)
+    print(f"\n{args.rounds} round(s), {world} ranks; rows appended to {args.results}")
+    print("samples/s: median over rounds of each run's whole timed interval | of each run's window median;")
+    print("x plain: median over rounds of the ratio to the plain run of the same round (whole interval | window median)")
+    for name in args.sizes:
+        print(f"{name}:")
+        plain_runs = results.get((name, "plain", world))
+        for label in variants:
+            runs = results[(name, label, world)]
+            mean = statistics.median(r[0] for r in runs)
+            window = statistics.median(r[1] for r in runs)
+            line = f"  {label:40s} {mean:9,.0f} | {window:9,.0f}"
+            if plain_runs:
+                ratio_mean = statistics.median(r[0] / p[0] for r, p in zip(runs, plain_runs))
+                ratio_window = statistics.median(r[1] / p[1] for r, p in zip(runs, plain_runs))
+                line += f"   x plain {ratio_mean:.3f} | {ratio_window:.3f}"
+            if 1 in args.worlds and world > 1:
+                one = statistics.median(r[0] for r in results[(name, label, 1)])
+                line += f"   weak scaling 1->{world} {mean / (world * one):.3f}"
+            print(line)
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
