@@ -33,11 +33,9 @@ class TensorParallel(Strategy):
     """dp x tp: each tp group holds one sharded copy of the model. The plan is applied on
     the meta device; each rank then materializes only its shards (one full layer at a time)."""
 
-    capabilities = Capabilities(activation_checkpointing=("none", "full"), activation_offload=("none", "cpu"),
-                                why={"activation_checkpointing": "every_n re-chains the blocks of a Sequential "
-                                     "and tensor-parallel blocks are sharded in place",
-                                     "activation_offload": "the disk offload hooks save plain tensors and "
-                                     "tensor-parallel activations are DTensors"})
+    capabilities = Capabilities(activation_offload=("none", "cpu"),
+                                why={"activation_offload": "disk offload writes saved tensors as raw bytes and "
+                                     "tensor-parallel activations are DTensors (no .numpy())"})
 
     def setup(self, ctx: SetupContext) -> None:
         self.world, self.device = ctx.world, ctx.device

@@ -59,10 +59,9 @@ class ParamServer(SelfStepping):
     """
 
     capabilities = Capabilities(
-        precision=("32", "bf16"), activation_offload=("none", "cpu"),
+        precision=("32", "bf16"),
         why={"precision": "each worker would keep its own fp16 loss scale, so servers would apply "
-                          "gradients of different scales",
-             "activation_offload": "disk offload files are per process and workers run ahead of each other"})
+                          "gradients of different scales"})
 
     def __init__(self, num_servers: int = 1, max_staleness: int | None = 4, staleness_lr: str = "none",
                  debug_slow_workers: Any = (), debug_delay_s: float = 0.0, comm_timeout_s: float = 86400.0,

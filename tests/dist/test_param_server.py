@@ -120,6 +120,14 @@ def test_clipping_and_evaluation_on_the_servers_equal_synchronous_sgd(tmp_path):
     assert logged and logged[0] == pytest.approx(expected, rel=1e-5), (logged, expected)
 
 
+def test_memory_levers_on_workers_leave_synchronous_sgd_unchanged(sync_run, tmp_path):
+    """Activation checkpointing (every_n) and disk offload on the workers: same numbers."""
+    run_disttrain(SYNC + ["memory.activation_checkpointing=every_n", "memory.activation_offload=disk",
+                          "memory.offload_min_bytes=0"], tmp_path / "mem", timeout=300)
+    got, want = load_model_state(tmp_path / "mem"), load_model_state(sync_run)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_bf16_on_workers_is_honoured_and_fp16_refused(sync_run, tmp_path):
     run_disttrain(SYNC + ["trainer.precision=bf16"], tmp_path / "bf16", timeout=300)
     bf16, fp32 = load_model_state(tmp_path / "bf16"), load_model_state(sync_run)
