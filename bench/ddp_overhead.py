@@ -78,12 +78,25 @@ def _marked(step: int, warmup: int) -> bool:
     return step >= warmup and step % LOG_EVERY == 0
 
 
-def rates(world_size: int, marks: list[float]) -> tuple[float, float]:
+def _mark() -> tuple[float, float]:
+    """(wall clock, CPU seconds of this process, all its threads: gloo's included)."""
+    return time.perf_counter(), time.process_time()
+
+
+def rates(world_size: int, marks: list[tuple[float, float]]) -> tuple[float, float]:
     """(samples/s over the whole timed interval, median samples/s of its LOG_EVERY-step
     windows). The median resists another job's burst on a shared machine."""
     per_window = world_size * BATCH * LOG_EVERY
-    windows = [per_window / (b - a) for a, b in zip(marks, marks[1:])]
-    return per_window * len(windows) / (marks[-1] - marks[0]), statistics.median(windows)
+    walls = [wall for wall, _ in marks]
+    windows = [per_window / (b - a) for a, b in zip(walls, walls[1:])]
+    return per_window * len(windows) / (walls[-1] - walls[0]), statistics.median(windows)
+
+
+def cpu_per_step_ms(per_rank_marks: list[list[tuple[float, float]]]) -> float:
+    """CPU milliseconds per step, mean over ranks: the work a rank does, waiting excluded,
+    so it moves little with the machine's load (unlike samples/s)."""
+    steps = LOG_EVERY * (len(per_rank_marks[0]) - 1)
+    return statistics.mean(1e3 * (m[-1][1] - m[0][1]) / steps for m in per_rank_marks)
 
 
 def _teardown() -> None:
@@ -146,7 +159,7 @@ def plain(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             flag.item()
         if _marked(step, warmup):
-            marks.append(time.perf_counter())
+            marks.append(_mark())
     _teardown()
     return marks
 
@@ -190,7 +203,7 @@ def fabric(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spe
         runner.backward(torch.nn.functional.cross_entropy(model(x), y))
         optimizer.step()
         if _marked(step, warmup):
-            marks.append(time.perf_counter())
+            marks.append(_mark())
     _teardown()
     return marks
 
@@ -250,7 +263,7 @@ def ours(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec:
     for item in patches:
         OURS_PATCHES[item.removeprefix("patch=")]()
     torch.set_num_threads(1)
-    marks: list[float] = []
+    marks: list[tuple[float, float]] = []
     real_train = disttrain.run.train
 
     def timed_train(settings, parts, start):
@@ -259,7 +272,7 @@ def ours(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec:
         def after_step(step, fields):
             stop = inner(step, fields)
             if _marked(step, warmup):
-                marks.append(time.perf_counter())
+                marks.append(_mark())
             return stop
 
         parts.after_step = after_step
@@ -323,7 +336,8 @@ def main() -> None:
                 "cpus": os.cpu_count(), "batch_per_rank": BATCH, "log_every": LOG_EVERY,
                 "threads_per_rank": 1, "backend": "gloo"}
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    #: (model, variant, world) -> per round (samples/s over the interval, median of its windows)
+    #: (model, variant, world) -> per round (samples/s over the interval, median of its windows,
+    #: CPU ms per step and rank)
     results: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
     for round_index in range(args.rounds):
         shift = round_index % len(variants)
@@ -335,18 +349,20 @@ def main() -> None:
                 for label in order:
                     base, _, spec = label.partition(":")
                     load = os.getloadavg()[0]
-                    marks = spawn(VARIANTS[base], world, SIZES[name], steps, warmup, spec, timeout=900)[0]
-                    mean, window = rates(world, marks)
-                    results.setdefault((name, label, world), []).append((mean, window))
+                    per_rank = spawn(VARIANTS[base], world, SIZES[name], steps, warmup, spec, timeout=900)
+                    mean, window = rates(world, per_rank[0])
+                    cpu_ms = cpu_per_step_ms(per_rank)
+                    results.setdefault((name, label, world), []).append((mean, window, cpu_ms))
                     row = {**base_row, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "round": round_index, "model": name, "hidden": SIZES[name], "world": world,
                            "steps": steps, "warmup": warmup, "variant": label, "samples_per_s": round(mean, 1),
-                           "samples_per_s_window_median": round(window, 1), "windows": len(marks) - 1,
+                           "samples_per_s_window_median": round(window, 1), "windows": len(per_rank[0]) - 1,
+                           "cpu_ms_per_step": round(cpu_ms, 3),
                            "loadavg_1m": round(load, 2)}
                     with args.results.open("a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
                     print(f"round {round_index} {name} world={world} {label}: {mean:,.0f} samples/s "
-                          f"(window median {window:,.0f}; load {load:.1f})", flush=True)
+                          f"(window median {window:,.0f}; CPU {cpu_ms:.3f} ms/step/rank; load {load:.1f})", flush=True)
     _summary(args, variants, results)
 
 
@@ -355,6 +371,7 @@ def _summary(args, variants: list[str], results) -> None:
     print(f"\n{args.rounds} round(s), {world} ranks; rows appended to {args.results}")
     print("samples/s: median over rounds of each run's whole timed interval | of each run's window median;")
     print("x plain: median over rounds of the ratio to the plain run of the same round (whole interval | window median)")
+    print("CPU: median over rounds of CPU ms per step and rank (every thread of the rank's process)")
     for name in args.sizes:
         print(f"{name}:")
         plain_runs = results.get((name, "plain", world))
@@ -362,7 +379,8 @@ def _summary(args, variants: list[str], results) -> None:
             runs = results[(name, label, world)]
             mean = statistics.median(r[0] for r in runs)
             window = statistics.median(r[1] for r in runs)
-            line = f"  {label:40s} {mean:9,.0f} | {window:9,.0f}"
+            cpu = statistics.median(r[2] for r in runs)
+            line = f"  {label:40s} {mean:9,.0f} | {window:9,.0f}   CPU {cpu:7.3f} ms"
             if plain_runs:
                 ratio_mean = statistics.median(r[0] / p[0] for r, p in zip(runs, plain_runs))
                 ratio_window = statistics.median(r[1] / p[1] for r, p in zip(runs, plain_runs))

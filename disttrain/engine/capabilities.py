@@ -45,6 +45,7 @@ _KEYS = {"precision": "trainer.precision", "grad_clip": "trainer.grad_clip", "gr
          "activation_checkpointing": "memory.activation_checkpointing",
          "activation_offload": "memory.activation_offload", "evaluation": "trainer.eval_every",
          "compile": "trainer.compile"}
+_WHY = {"compile": "torch.compile is not wired into the engine yet"}
 _OFF = {"precision": "32", "grad_clip": None, "grad_accum": 1, "activation_checkpointing": "none",
         "activation_offload": "none", "evaluation": 0, "compile": False}
 
@@ -56,7 +57,7 @@ def refusal(strategy: str, caps: Capabilities, want: dict[str, Any]) -> str | No
         ok = value in allowed if isinstance(allowed, tuple) else (allowed or value == _OFF[feature])
         if not ok:
             shown = value if not isinstance(value, bool) else str(value).lower()
-            reason = caps.why.get(feature, "not implemented for this strategy")
+            reason = caps.why.get(feature) or _WHY.get(feature, "not implemented for this strategy")
             fix = f"use one of {', '.join(allowed)}" if isinstance(allowed, tuple) else f"leave {_KEYS[feature]} off"
             return f"strategy={strategy} does not support {_KEYS[feature]}={shown}: {reason}; {fix}."
     return None

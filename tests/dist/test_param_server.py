@@ -29,7 +29,8 @@ def counters(run_dir: Path, step: int, server: int = 0) -> dict:
     return {k: v.clone() for k, v in loaded[f"ps_server{server}"]["counters"].items()}
 
 
-def synchronous_sgd_reference(run_dir: Path, steps: int, workers: int, clip: float | None = None) -> dict:
+def synchronous_sgd_reference(run_dir: Path, steps: int, workers: int, clip: float | None = None,
+                              accum: int = 1) -> dict:
     """One process: each step, the gradients of every worker's batch (same samplers as
     the workers) averaged, clipped by their global norm (when ``clip``), then the run's
     optimizer and scheduler: what DDP does."""
@@ -47,9 +48,10 @@ def synchronous_sgd_reference(run_dir: Path, steps: int, workers: int, clip: flo
     for _ in range(steps):
         grads = []
         for sampler in samplers:
-            inputs, targets = dataset[next(sampler)]
             model.zero_grad()
-            loss_fn(model(inputs), targets).backward()
+            for _ in range(accum):  # k micro-batches of b = one batch of k*b
+                inputs, targets = dataset[next(sampler)]
+                (loss_fn(model(inputs), targets) / accum).backward()
             grads.append([p.grad.clone() for p in model.parameters()])
         for param, *per_worker in zip(model.parameters(), *grads):
             total = per_worker[0].clone()
@@ -94,18 +96,18 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(sync_run, tmp_path):
 
 
 def test_clipping_and_evaluation_on_the_servers_equal_synchronous_sgd(tmp_path):
-    """s=0 with trainer.grad_clip: the servers clip the round's averaged gradient by its
-    global norm, as DDP does; validation runs on the servers' current weights (no
+    """s=0 with trainer.grad_clip and 2 micro-batches per step: the servers clip the round's
+    averaged gradient by its global norm, as DDP does; validation runs on the servers' current weights (no
     mismatched collectives between servers and workers) and equals one process evaluating
     those weights. bf16 on the workers is honoured (the weights move off the fp32 run's)."""
     from disttrain.evaluate import split_from_config
 
     run_dir = tmp_path / "clip"
-    run_disttrain(SYNC + ["trainer.grad_clip=0.05", "data.val_fraction=0.25", "trainer.eval_every=6"], run_dir,
-                  timeout=300)
+    run_disttrain(SYNC + ["trainer.grad_clip=0.05", "data.val_fraction=0.25", "trainer.eval_every=6",
+                          "trainer.grad_accum_steps=2"], run_dir, timeout=300)
     trained = load_model_state(run_dir)
-    reference = synchronous_sgd_reference(run_dir, steps=12, workers=2, clip=0.05)
-    unclipped = synchronous_sgd_reference(run_dir, steps=12, workers=2)
+    reference = synchronous_sgd_reference(run_dir, steps=12, workers=2, clip=0.05, accum=2)
+    unclipped = synchronous_sgd_reference(run_dir, steps=12, workers=2, accum=2)
     for name in reference:
         torch.testing.assert_close(trained[name], reference[name], atol=1e-6, rtol=1e-6, msg=name)
     assert max((reference[k] - unclipped[k]).abs().max().item() for k in reference) > 1e-4  # clipping acted
