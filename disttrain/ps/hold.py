@@ -35,7 +35,7 @@ class SyncPoints:
 class StragglerHold:
     """Bookkeeping of held pushes for one server (pure logic: the server applies them)."""
 
-    def __init__(self, workers: frozenset, sync: SyncPoints | None, fallback_s: float = 10.0):
+    def __init__(self, workers: frozenset, sync: SyncPoints | None, fallback_s: float = 60.0):
         self.workers, self.sync, self.fallback_s = workers, sync, fallback_s
         self.held: dict[int, tuple] = {}
         self.step_offset = 0  # loop steps done before this session (a resumed run)
