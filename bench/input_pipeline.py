@@ -41,8 +41,7 @@ def measure(workers: int, prefetch: int, args) -> dict[str, float]:
     from disttrain.loop import LoopParts, LoopSettings, train
     from disttrain.metrics import Meter
     from disttrain.progress import Progress
-    from disttrain.strategies.base import SetupContext
-    from disttrain.strategies.single import Single
+    from disttrain.engine.build import build_engine
 
     overrides = ["strategy=single", f"data.batch_size={args.batch}", f"data.num_workers={workers}",
                  f"data.prefetch_factor={prefetch}", f"data.debug_delay_s={args.delay}", "model.hidden=1024",
@@ -50,13 +49,10 @@ def measure(workers: int, prefetch: int, args) -> dict[str, float]:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     cpu = torch.device("cpu")
-    strategy = Single()
-    strategy.setup(SetupContext(world=env.detect({}), device=cpu, build_model=builders.model_builder(cfg),
-                                build_optimizer=builders.optimizer_builder(cfg),
-                                build_scheduler=builders.scheduler_builder(cfg), cfg=cfg, run_dir=Path(".")))
+    _, engine = build_engine(cfg, env.detect({}), cpu, Path("."))
     loader, sampler = builders.build_loader(cfg, builders.build_dataset(cfg), (0, 1))
     recorder = Recorder()
-    parts = LoopParts(strategy=strategy, batches=iter(loader), advance_data=sampler.advance,
+    parts = LoopParts(engine=engine, batches=iter(loader), advance_data=sampler.advance,
                       loss_fn=builders.build_loss(cfg), save=lambda step: None, meter=Meter(cpu),
                       tensorboard=recorder, progress=Progress(args.steps, 0, "log", enabled=False), device=cpu)
     train(LoopSettings(args.steps, 1, args.steps // 2, 0), parts, 0)

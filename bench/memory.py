@@ -119,30 +119,24 @@ def zero_child(variant: str, out_dir: str) -> None:
 
     from disttrain import builders, dist as dist_setup, env
     from disttrain.config import config_dir
-    from disttrain.strategies.base import SetupContext
+    from disttrain.engine.build import build_engine
 
     torch.set_num_threads(1)
     world = env.detect()
     device = dist_setup.init(world, "gloo", 300)
     overrides = ["model=gpt_tiny", "optim=adamw", "data.batch_size=2"] + [f"model.{k}={v}" for k, v in ZERO_MODEL.items()]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
     if variant == "ddp":
-        from disttrain.strategies.ddp import DDP as make
+        overrides.append("strategy=ddp")
     else:
-        from functools import partial
-
         import deepspeed  # noqa: F401  (its import is not model-state memory)
 
-        from disttrain.strategies.deepspeed import DeepSpeed
-        make = partial(DeepSpeed, zero_stage=int(variant[-1]))
-    psi = sum(p.numel() for p in builders.model_builder(cfg)().parameters())
+        overrides += ["strategy=deepspeed", f"strategy.zero_stage={int(variant[-1])}"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    psi = sum(p.numel() for p in builders.model_factory(cfg).meta().parameters())
     Path("/proc/self/clear_refs").write_text("5")
     before = _kib("VmRSS")
-    strategy = make()
-    strategy.setup(SetupContext(world=world, device=device, build_model=builders.model_builder(cfg),
-                                build_optimizer=builders.optimizer_builder(cfg),
-                                build_scheduler=builders.scheduler_builder(cfg), cfg=cfg, run_dir=Path(out_dir)))
+    _, strategy = build_engine(cfg, world, device, Path(out_dir))  # the run's engine
     idx = torch.randint(0, 256, (2, 64))
     for _ in range(2):
         strategy.train_step([(idx, idx)], lambda out, t: torch.nn.functional.cross_entropy(out.flatten(0, 1), t.flatten()))

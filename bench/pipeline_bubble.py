@@ -60,18 +60,14 @@ def _context(hidden: int):
     from omegaconf import OmegaConf
 
     from disttrain import env
+    from disttrain.engine.materialize import ModelFactory
     from disttrain.models import build_mlp
     from disttrain.strategies.base import SetupContext
 
-    def build():
-        torch.manual_seed(0)
-        return build_mlp(in_dim=hidden, hidden=hidden, depth=7, out_dim=hidden)  # 8 Linear+ReLU blocks
-
+    factory = ModelFactory(build=lambda: build_mlp(in_dim=hidden, hidden=hidden, depth=7, out_dim=hidden),
+                           seed=0)  # 8 Linear+ReLU blocks
     cfg = OmegaConf.create({"dist": {"dp": None, "pp": None, "tp": None}, "data": {"batch_size": BATCH}})
-    return build, SetupContext(world=env.detect(), device=torch.device("cpu"), build_model=build,
-                               build_optimizer=lambda p: torch.optim.SGD(p, lr=1e-3),
-                               build_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
-                               cfg=cfg, run_dir=None)
+    return factory, SetupContext(world=env.detect(), device=torch.device("cpu"), model=factory, cfg=cfg, run_dir=None)
 
 
 def _pipeline(schedule: str, m: int, steps: int, hidden: int, batch) -> dict:
@@ -79,16 +75,21 @@ def _pipeline(schedule: str, m: int, steps: int, hidden: int, batch) -> dict:
 
     from disttrain.strategies.pipeline import Pipeline
 
-    build, ctx = _context(hidden)
+    from disttrain.engine.step import Engine
+    from disttrain.precision import Precision
+
+    _, ctx = _context(hidden)
     strategy = Pipeline(micro_batches=m, schedule=schedule, balance="params")
     strategy.setup(ctx)
+    optimizer = torch.optim.SGD(strategy.model.parameters(), lr=1e-3)
+    engine = Engine(strategy, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), Precision(32), None)
     loss_fn = torch.nn.MSELoss()
-    strategy.train_step([batch], loss_fn)  # warm-up: shape inference, allocator
+    engine.train_step([batch], loss_fn)  # warm-up: shape inference, allocator
     meter = SavedBytes(list(strategy.model.parameters()))
     bubbles, start = [], time.perf_counter()
     with meter.hooks():
         for _ in range(steps):
-            bubbles.append(strategy.train_step([batch], loss_fn).extra["pipeline/bubble"])
+            bubbles.append(engine.train_step([batch], loss_fn).extra["pipeline/bubble"])
     elapsed = (time.perf_counter() - start) / steps
     return {"step_s": elapsed, "bubble": statistics.mean(bubbles), "theory": strategy._theory(),
             "act_mb": meter.peak / 2**20}
@@ -98,8 +99,8 @@ def _unsplit(steps: int, hidden: int, batch) -> float:
     """Step time of the whole model on one rank (rank 0; the other waits at a barrier)."""
     import torch
 
-    build, _ = _context(hidden)
-    model = build()
+    factory, _ = _context(hidden)
+    model = factory.full()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     times = []
     for i in range(steps + 1):

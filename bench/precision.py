@@ -26,18 +26,14 @@ def run(precision: str, args) -> tuple[float, float]:
 
     from disttrain import builders, env
     from disttrain.config import config_dir
-    from disttrain.strategies.base import SetupContext
-    from disttrain.strategies.single import Single
+    from disttrain.engine.build import build_engine
 
     overrides = ["experiment=gpt_text", "strategy=single", f"trainer.precision={precision}",
                  f"data.batch_size={args.batch}"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     device = torch.device(args.device)
-    strategy = Single()
-    strategy.setup(SetupContext(world=env.detect({}), device=device, build_model=builders.model_builder(cfg),
-                                build_optimizer=builders.optimizer_builder(cfg),
-                                build_scheduler=builders.scheduler_builder(cfg), cfg=cfg, run_dir=Path(".")))
+    _, strategy = build_engine(cfg, env.detect({}), device, Path("."))  # the run's engine
     loader, sampler = builders.build_loader(cfg, builders.build_dataset(cfg), (0, 1))
     loss_fn, batches, times, losses = builders.build_loss(cfg), iter(loader), [], []
     for _ in range(args.steps):
