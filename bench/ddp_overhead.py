@@ -1,33 +1,42 @@
 """disttrain's DDP against a plain hand-written torch DDP loop and Lightning Fabric's DDP:
-same model, data, batch, optimizer, 2 ranks with one thread each (gloo, CPU), runs
-interleaved round by round (the order of the variants rotates from round to round, so a
-load spike on the shared machine does not always hit the same one).
+same model, data, batch, optimizer, 2 ranks with one thread each (gloo, CPU).
 
-Every variant is timed the same way: wall clock on rank 0 from the end of the warm-up steps
-to the end of the last step, everything the loop does in between included (for disttrain:
-logging steps, the stop poll, the observer). Prints, per model size, each variant's median
-samples/s and its ratio to the plain loop (goal: disttrain >= 1.0), and with
-``--worlds 2 1`` also the 1->2 rank weak-scaling efficiency (throughput(2) / (2 *
-throughput(1))). Appends one JSON line per run to bench/results/ddp_overhead.jsonl
-(commit, torch version, date, variant, samples/s).
+Interleaved in one job (the default): each round is one 2-rank job whose ranks run every
+variant in turn, ``--reps`` times, in an order that rotates from block to block, on one
+process group; each block builds its variant afresh (disttrain through its real entry point
+``run_rank``, only the process-group set-up shared). Blocks of the variants follow each other
+within seconds, so the load of a shared machine hits them alike, and every ratio is taken
+between blocks of the same round and repetition. ``--isolated`` runs every variant in its
+own 2-rank job instead (the slower, noisier cross-check).
+
+Every variant is timed the same way: wall clock on rank 0 from the end of the warm-up
+(``LOG_EVERY`` steps) to the end of the last step, timestamped every ``LOG_EVERY`` steps
+(each window holds exactly one of disttrain's logging steps); everything a loop does in
+between counts (for disttrain: logging, the stop poll, the observer, the Guard). Printed
+per model size: samples/s over the timed interval, the median of its windows, CPU ms per
+step and rank (all threads of the rank's process), and the ratio to the plain loop's block
+of the same repetition (medians). Appends one JSON line per block to
+bench/results/ddp_overhead.jsonl (commit, torch and Fabric versions, date, variant, figures).
 
 Fabric is measured when ``lightning-fabric`` is installed (``pip install -e .[bench]``),
 skipped with a note otherwise.
 
-    .venv/bin/python bench/ddp_overhead.py [--rounds 3] [--steps 200] [--worlds 2]
+    .venv/bin/python bench/ddp_overhead.py [--rounds 3] [--reps 2] [--steps 150] [--isolated]
 
-Diagnostics (the figures behind the README's overhead section): a variant may carry
-options after a colon, e.g. ``--variants plain ours "ours:fault.save_on_signal=false"``:
+Diagnostics: a variant may carry options after a colon, e.g.
+``--variants plain ours "ours:fault.save_on_signal=false" "plain:stop_poll"``:
 
 * ``ours:KEY=VALUE,...``: Hydra overrides for disttrain, and ``patch=NAME`` for one of
-  ``OURS_PATCHES`` (bench-only monkeypatches that switch off one piece of per-step work);
-* ``plain:FLAG,...``: the plain loop with one of ``PLAIN_FLAGS`` added (disttrain's or
-  Fabric's settings, one at a time).
+  ``OURS_PATCHES`` (bench-only monkeypatches, undone after the block, each switching off
+  one piece of disttrain's per-step work);
+* ``plain:FLAG,...``: the plain loop with ``PLAIN_FLAGS`` (one setting of disttrain or
+  Fabric added at a time).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -39,13 +48,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "ddp_overhead.jsonl"
 SIZES = {"mlp-1024": 1024, "mlp-256": 256}
 #: the small model's steps are ~6x shorter: it runs 4x --steps, so every timed window lasts seconds.
 STEPS_SCALE = {"mlp-1024": 1, "mlp-256": 4}
-LOG_EVERY = 50  # disttrain's logging interval (a logging step all-reduces and gathers figures)
+LOG_EVERY = 50  # disttrain's logging interval; also the warm-up and the timing window
 BATCH = 64
 IN_DIM, DEPTH, CLASSES, DATASET = 512, 3, 10, 8192
 LR, MOMENTUM = 0.05, 0.9
@@ -58,6 +68,8 @@ PLAIN_FLAGS = {
     "py_hook": "a Python all-reduce comm hook that times buckets (as disttrain's observer does)",
     "stop_poll": "one extra 1-element all-reduce per step (as disttrain's stop-signal poll does)",
 }
+
+Marks = list[tuple[float, float]]
 
 
 def _mlp(hidden: int):
@@ -72,50 +84,49 @@ def _dataset():
     return synthetic_classification(DATASET, IN_DIM, CLASSES)
 
 
-def _marked(step: int, warmup: int) -> bool:
-    """Steps after which a variant takes a timestamp: the end of the warm-up, then every
-    LOG_EVERY steps (each window holds exactly one of disttrain's logging steps)."""
-    return step >= warmup and step % LOG_EVERY == 0
-
-
 def _mark() -> tuple[float, float]:
     """(wall clock, CPU seconds of this process, all its threads: gloo's included)."""
     return time.perf_counter(), time.process_time()
 
 
-def rates(world_size: int, marks: list[tuple[float, float]]) -> tuple[float, float]:
-    """(samples/s over the whole timed interval, median samples/s of its LOG_EVERY-step
-    windows). The median resists another job's burst on a shared machine."""
-    per_window = world_size * BATCH * LOG_EVERY
-    walls = [wall for wall, _ in marks]
-    windows = [per_window / (b - a) for a, b in zip(walls, walls[1:])]
-    return per_window * len(windows) / (walls[-1] - walls[0]), statistics.median(windows)
-
-
-def cpu_per_step_ms(per_rank_marks: list[list[tuple[float, float]]]) -> float:
-    """CPU milliseconds per step, mean over ranks: the work a rank does, waiting excluded,
-    so it moves little with the machine's load (unlike samples/s)."""
-    steps = LOG_EVERY * (len(per_rank_marks[0]) - 1)
-    return statistics.mean(1e3 * (m[-1][1] - m[0][1]) / steps for m in per_rank_marks)
-
-
-def _teardown() -> None:
-    """Barrier, then destroy the group the way disttrain does (disttrain.dist.teardown: a bare
-    destroy right after the last backward can deadlock gloo's worker threads)."""
-    from disttrain.dist import teardown
-
-    teardown()
+def _marked(step: int, warmup: int) -> bool:
+    return step >= warmup and step % LOG_EVERY == 0
 
 
 def _split(spec: str) -> list[str]:
     return [item for item in spec.split(",") if item]
 
 
+def _forever(loader) -> Iterator[Any]:
+    while True:  # a new epoch (a new iterator) whenever the loader runs out
+        yield from loader
+
+
+class Patches:
+    """Monkeypatches that are undone when the block ends (``with Patches() as p: p.set(...)``)."""
+
+    def __init__(self):
+        self.undo: list[tuple[Any, str, Any]] = []
+
+    def set(self, owner: Any, name: str, value: Any) -> None:
+        self.undo.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def __enter__(self) -> "Patches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, value in reversed(self.undo):
+            setattr(owner, name, value)
+        self.undo.clear()
+
+
 # ---------------------------------------------------------------------------- plain torch
 
 
-def plain(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec: str = "") -> float:
-    """The loop people write by hand: DistributedSampler + DataLoader + DDP + SGD."""
+def plain_block(hidden: int, steps: int, warmup: int, spec: str = "") -> Marks:
+    """The loop people write by hand: DistributedSampler + DataLoader + DDP + SGD (on the
+    process group that is up)."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -125,8 +136,6 @@ def plain(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec
     unknown = flags - set(PLAIN_FLAGS)
     if unknown:
         raise ValueError(f"plain: unknown flag(s) {sorted(unknown)}; known: {sorted(PLAIN_FLAGS)}")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = DistributedDataParallel(_mlp(hidden), gradient_as_bucket_view="bucket_view" in flags,
                                     static_graph="static_graph" in flags)
@@ -143,14 +152,10 @@ def plain(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec
         model.register_comm_hook(None, hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     dataset = _dataset()
-    loader = DataLoader(dataset, batch_size=BATCH, sampler=DistributedSampler(dataset), drop_last=True)
-    batches, marks = iter(loader), []
+    batches = _forever(DataLoader(dataset, batch_size=BATCH, sampler=DistributedSampler(dataset), drop_last=True))
+    marks: Marks = []
     for step in range(1, steps + 1):
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
+        x, y = next(batches)
         optimizer.zero_grad(set_to_none="keep_grads" not in flags)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -160,7 +165,6 @@ def plain(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec
             flag.item()
         if _marked(step, warmup):
             marks.append(_mark())
-    _teardown()
     return marks
 
 
@@ -175,36 +179,42 @@ def fabric_version() -> str | None:
     return lightning_fabric.__version__
 
 
-def fabric(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec: str = "") -> float:
+_FABRIC: list = []
+
+
+def fabric_block(hidden: int, steps: int, warmup: int, spec: str = "") -> Marks:
     """The same loop written for Lightning Fabric (strategy=ddp, gloo, CPU), its defaults."""
     import torch
+    import torch.distributed as dist
     from lightning_fabric import Fabric
     from torch.utils.data import DataLoader
 
-    torch.set_num_threads(1)
-    # The ranks are started by disttrain.testing.spawn with torchrun-style variables
-    # (LOCAL_RANK, WORLD_SIZE, MASTER_*): Fabric sees processes created externally.
-    runner = Fabric(accelerator="cpu", strategy="ddp", devices=world_size, num_nodes=1, precision="32-true")
-    runner.launch()
+    if spec:
+        raise ValueError(f"fabric takes no options (got {spec!r})")
+    if not _FABRIC:
+        # The ranks are started by disttrain.testing.spawn with torchrun-style variables
+        # (LOCAL_RANK, WORLD_SIZE, MASTER_*): Fabric sees processes created externally, and
+        # keeps a process group that is already up.
+        runner = Fabric(accelerator="cpu", strategy="ddp", devices=dist.get_world_size(), num_nodes=1,
+                        precision="32-true")
+        runner.launch()
+        _FABRIC.append(runner)
+    runner = _FABRIC[0]
     torch.manual_seed(0)
     model = _mlp(hidden)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     model, optimizer = runner.setup(model, optimizer)
     # setup_dataloaders swaps in a DistributedSampler (shuffle=True), like the plain loop's.
-    loader = runner.setup_dataloaders(DataLoader(_dataset(), batch_size=BATCH, shuffle=True, drop_last=True))
-    batches, marks = iter(loader), []
+    batches = _forever(runner.setup_dataloaders(DataLoader(_dataset(), batch_size=BATCH, shuffle=True,
+                                                           drop_last=True)))
+    marks: Marks = []
     for step in range(1, steps + 1):
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
+        x, y = next(batches)
         optimizer.zero_grad()
         runner.backward(torch.nn.functional.cross_entropy(model(x), y))
         optimizer.step()
         if _marked(step, warmup):
             marks.append(_mark())
-    _teardown()
     return marks
 
 
@@ -219,80 +229,140 @@ def _overrides(hidden: int, steps: int) -> list[str]:
             "metrics.peak_flops=1e11"]  # skips the start-up matmul probe (MFU's denominator only)
 
 
-def _patch_null_observer() -> None:
+def _patch_null_observer(p: Patches) -> None:
     """No observer: no step timing, comm hook, FLOP count, straggler check, per-rank gather."""
     import disttrain.run
     from disttrain.observe.base import NullObserver
 
-    disttrain.run.build_observer = lambda *args, **kwargs: NullObserver()
+    p.set(disttrain.run, "build_observer", lambda *args, **kwargs: NullObserver())
 
 
-def _patch_no_comm_hook() -> None:
+def _patch_no_comm_hook(p: Patches) -> None:
     """The observer without its DDP communication-timing hook (DDP's C++ all-reduce)."""
     from disttrain.observe import comm
 
-    comm.attach = lambda model: None
+    p.set(comm, "attach", lambda model: None)
 
 
-def _patch_no_heartbeat() -> None:
+def _patch_no_heartbeat(p: Patches) -> None:
     """The Guard's per-step heartbeat writes (and its batch generator) removed."""
     import disttrain.faults
+    import disttrain.watchdog
 
-    disttrain.faults.Guard._batches = lambda self, batches: batches
-    disttrain.faults.Heartbeat.enter = lambda self, phase, step=None: None
+    p.set(disttrain.faults.Guard, "_batches", lambda self, batches: batches)
+    p.set(disttrain.watchdog.Heartbeat, "enter", lambda self, phase, step=None: None)
 
 
 #: bench-only monkeypatches, each switching off one piece of disttrain's per-step work.
-OURS_PATCHES = {"null_observer": _patch_null_observer, "no_comm_hook": _patch_no_comm_hook,
-                "no_heartbeat": _patch_no_heartbeat}
+OURS_PATCHES: dict[str, Callable[[Patches], None]] = {
+    "null_observer": _patch_null_observer, "no_comm_hook": _patch_no_comm_hook, "no_heartbeat": _patch_no_heartbeat}
 
 
-def ours(rank: int, world_size: int, hidden: int, steps: int, warmup: int, spec: str = "") -> float:
-    """disttrain ``strategy=ddp`` through its real entry point (run_rank: the loop, the
-    engine, the observer, the Guard), timed from the end of step ``warmup`` to the end of
-    the last step (the final checkpoint after the loop is not counted)."""
-    import torch
+def ours_block(hidden: int, steps: int, warmup: int, spec: str = "", shared_group: bool = True) -> Marks:
+    """disttrain ``strategy=ddp`` through its real entry point ``run_rank`` (the loop, the
+    engine, the observer, the Guard, rank 0's TensorBoard and log), timed by the steps'
+    ``after_step`` callback. ``shared_group``: keep the process group that is up (run_rank's
+    own init and teardown are skipped, nothing else)."""
+    import torch.distributed as dist
     from hydra import compose, initialize_config_dir
 
     import disttrain.run
     from disttrain.config import config_dir
 
-    extra, patches = [], []
-    for item in _split(spec):
-        (patches if item.startswith("patch=") else extra).append(item)
-    for item in patches:
-        OURS_PATCHES[item.removeprefix("patch=")]()
-    torch.set_num_threads(1)
-    marks: list[tuple[float, float]] = []
-    real_train = disttrain.run.train
+    extra = [item for item in _split(spec) if not item.startswith("patch=")]
+    marks: Marks = []
+    with Patches() as p:
+        for item in _split(spec):
+            if item.startswith("patch="):
+                OURS_PATCHES[item.removeprefix("patch=")](p)
+        real_train = disttrain.run.train
 
-    def timed_train(settings, parts, start):
-        inner = parts.after_step  # called on every rank once per step, after the step's logging
+        def timed_train(settings, parts, start):
+            inner = parts.after_step  # every rank, once per step, after the step's logging
 
-        def after_step(step, fields):
-            stop = inner(step, fields)
-            if _marked(step, warmup):
-                marks.append(_mark())
-            return stop
+            def after_step(step, fields):
+                stop = inner(step, fields)
+                if _marked(step, warmup):
+                    marks.append(_mark())
+                return stop
 
-        parts.after_step = after_step
-        return real_train(settings, parts, start)
+            parts.after_step = after_step
+            return real_train(settings, parts, start)
 
-    disttrain.run.train = timed_train
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=_overrides(hidden, steps) + extra)
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-ddp-"))
-    try:
-        disttrain.run.run_rank(cfg, run_dir)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        p.set(disttrain.run, "train", timed_train)
+        if shared_group:
+            p.set(disttrain.run.dist_setup, "init", lambda world, backend, timeout_s: _cpu())
+            p.set(disttrain.run.dist_setup, "teardown", lambda clean=True: dist.barrier() if clean else None)
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=_overrides(hidden, steps) + extra)
+        run_dir = Path(tempfile.mkdtemp(prefix="bench-ddp-"))  # rank 0's is used (run_rank agrees)
+        try:
+            disttrain.run.run_rank(cfg, run_dir)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return marks
 
 
-VARIANTS = {"plain": plain, "ours": ours, "fabric": fabric}
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+BLOCKS = {"plain": plain_block, "ours": ours_block, "fabric": fabric_block}
+
+
+# ---------------------------------------------------------------------------- jobs (one per rank)
+
+
+def interleaved_job(rank: int, world_size: int, hidden: int, steps: int, labels: list[str], reps: int,
+                    first: int) -> list[tuple[str, Marks]]:
+    """One process group, every variant ``reps`` times in a rotating order; (label, marks) per block."""
+    from disttrain import dist as dist_setup, env
+
+    dist_setup.init(env.detect(), "gloo")
+    out = []
+    try:
+        for rep in range(reps):
+            shift = (first + rep) % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                base, _, spec = label.partition(":")
+                gc.collect()  # the previous block's garbage is not this block's cost
+                out.append((label, BLOCKS[base](hidden, steps, LOG_EVERY, spec)))
+    finally:
+        dist_setup.teardown()
+    return out
+
+
+def isolated_job(rank: int, world_size: int, hidden: int, steps: int, label: str) -> list[tuple[str, Marks]]:
+    """One variant alone in its 2-rank job (disttrain: run_rank with its own process group)."""
+    from disttrain import dist as dist_setup, env
+
+    base, _, spec = label.partition(":")
+    if base == "ours":
+        return [(label, ours_block(hidden, steps, LOG_EVERY, spec, shared_group=False))]
+    dist_setup.init(env.detect(), "gloo")
+    try:
+        return [(label, BLOCKS[base](hidden, steps, LOG_EVERY, spec))]
+    finally:
+        dist_setup.teardown()
 
 
 # ---------------------------------------------------------------------------- driver
+
+
+def figures(world_size: int, per_rank: list[Marks]) -> dict[str, float]:
+    """samples/s over the timed interval and the median of its windows (rank 0's clock),
+    CPU ms per step and rank (mean over ranks)."""
+    marks = per_rank[0]
+    per_window = world_size * BATCH * LOG_EVERY
+    walls = [wall for wall, _ in marks]
+    windows = [per_window / (b - a) for a, b in zip(walls, walls[1:])]
+    steps = LOG_EVERY * (len(marks) - 1)
+    cpu = statistics.mean(1e3 * (m[-1][1] - m[0][1]) / steps for m in per_rank)
+    return {"samples_per_s": per_window * len(windows) / (walls[-1] - walls[0]),
+            "samples_per_s_window_median": statistics.median(windows), "cpu_ms_per_step": cpu,
+            "windows": len(windows)}
 
 
 def _git(*args: str) -> str:
@@ -306,12 +376,14 @@ def _variants(names: list[str]) -> list[str]:
     chosen = []
     for name in names:
         base = name.split(":", 1)[0]
-        if base not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; known: {sorted(VARIANTS)} (with :options)")
+        if base not in BLOCKS:
+            raise SystemExit(f"unknown variant {name!r}; known: {sorted(BLOCKS)} (with :options)")
         if base == "fabric" and fabric_version() is None:
             print(f"skipping {name}: lightning-fabric is not installed (pip install -e .[bench])", flush=True)
             continue
         chosen.append(name)
+    if "plain" not in chosen:
+        raise SystemExit("the plain variant is the reference of every ratio: keep it in --variants")
     return chosen
 
 
@@ -319,76 +391,83 @@ def main() -> None:
     from disttrain.testing import spawn
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=200,
-                        help=f"steps per run of mlp-1024 (mlp-256: 4x); the first {LOG_EVERY} are warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="jobs per model size")
+    parser.add_argument("--reps", type=int, default=2, help="blocks of every variant per job (interleaved mode)")
+    parser.add_argument("--steps", type=int, default=150,
+                        help=f"steps per block of mlp-1024 (mlp-256: 4x); the first {LOG_EVERY} are warm-up")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--worlds", nargs="+", type=int, default=[2], help="rank counts (2 1: weak scaling too)")
     parser.add_argument("--variants", nargs="+", default=["plain", "ours", "fabric"])
+    parser.add_argument("--isolated", action="store_true", help="every variant in its own job")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the raw rows are appended to")
     args = parser.parse_args()
+    if args.steps < 2 * LOG_EVERY:
+        parser.error(f"--steps must be at least {2 * LOG_EVERY}: {LOG_EVERY} warm-up steps and one timed window")
     variants = _variants(args.variants)
+    world = 2
     import torch
 
     base_row = {"bench": "ddp_overhead", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
                 "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
-                "lightning_fabric": fabric_version(), "python": platform.python_version(),
-                "cpus": os.cpu_count(), "batch_per_rank": BATCH, "log_every": LOG_EVERY,
-                "threads_per_rank": 1, "backend": "gloo"}
+                "lightning_fabric": fabric_version(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                "mode": "isolated" if args.isolated else "interleaved", "world": world, "backend": "gloo",
+                "threads_per_rank": 1, "batch_per_rank": BATCH, "log_every": LOG_EVERY}
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    #: (model, variant, world) -> per round (samples/s over the interval, median of its windows,
-    #: CPU ms per step and rank)
-    results: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    #: (model, variant) -> [(round, rep, figures)]
+    results: dict[tuple[str, str], list[tuple[int, int, dict[str, float]]]] = {}
     for round_index in range(args.rounds):
-        shift = round_index % len(variants)
-        order = variants[shift:] + variants[:shift]  # rotate: no variant always runs first
         for name in args.sizes:
             steps = args.steps * STEPS_SCALE[name]
-            warmup = LOG_EVERY
-            for world in args.worlds:
-                for label in order:
-                    base, _, spec = label.partition(":")
-                    load = os.getloadavg()[0]
-                    per_rank = spawn(VARIANTS[base], world, SIZES[name], steps, warmup, spec, timeout=900)
-                    mean, window = rates(world, per_rank[0])
-                    cpu_ms = cpu_per_step_ms(per_rank)
-                    results.setdefault((name, label, world), []).append((mean, window, cpu_ms))
+            load = os.getloadavg()[0]
+            if args.isolated:
+                shift = round_index % len(variants)
+                jobs = [(isolated_job, (SIZES[name], steps, label)) for label in variants[shift:] + variants[:shift]]
+            else:
+                jobs = [(interleaved_job, (SIZES[name], steps, variants, args.reps, round_index))]
+            for fn, job_args in jobs:
+                per_rank = spawn(fn, world, *job_args, timeout=1800, finish_grace=120)
+                seen: dict[str, int] = {}
+                for index, (label, _) in enumerate(per_rank[0]):
+                    rep = seen[label] = seen.get(label, -1) + 1
+                    fig = figures(world, [blocks[index][1] for blocks in per_rank])
+                    results.setdefault((name, label), []).append((round_index, rep, fig))
                     row = {**base_row, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                           "round": round_index, "model": name, "hidden": SIZES[name], "world": world,
-                           "steps": steps, "warmup": warmup, "variant": label, "samples_per_s": round(mean, 1),
-                           "samples_per_s_window_median": round(window, 1), "windows": len(per_rank[0]) - 1,
-                           "cpu_ms_per_step": round(cpu_ms, 3),
+                           "round": round_index, "rep": rep, "model": name, "hidden": SIZES[name], "steps": steps,
+                           "warmup": LOG_EVERY, "variant": label, **{k: round(v, 3) for k, v in fig.items()},
                            "loadavg_1m": round(load, 2)}
                     with args.results.open("a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
-                    print(f"round {round_index} {name} world={world} {label}: {mean:,.0f} samples/s "
-                          f"(window median {window:,.0f}; CPU {cpu_ms:.3f} ms/step/rank; load {load:.1f})", flush=True)
-    _summary(args, variants, results)
+                    print(f"round {round_index} rep {rep} {name} {label}: {fig['samples_per_s']:,.0f} samples/s "
+                          f"(window median {fig['samples_per_s_window_median']:,.0f}; CPU {fig['cpu_ms_per_step']:.3f} "
+                          f"ms/step/rank; load {load:.1f})", flush=True)
+    summary(args, variants, results)
 
 
-def _summary(args, variants: list[str], results) -> None:
-    world = max(args.worlds)
-    print(f"\n{args.rounds} round(s), {world} ranks; rows appended to {args.results}")
-    print("samples/s: median over rounds of each run's whole timed interval | of each run's window median;")
-    print("x plain: median over rounds of the ratio to the plain run of the same round (whole interval | window median)")
-    print("CPU: median over rounds of CPU ms per step and rank (every thread of the rank's process)")
+def summary(args, variants: list[str], results) -> None:
+    print(f"\n{base_mode(args)}; rows appended to {args.results}")
+    print("samples/s: median over blocks of the whole timed interval | of the window medians;  x plain: median "
+          "over blocks of the ratio to the plain block of the same round and rep (same two figures);  "
+          "CPU: median ms per step and rank")
     for name in args.sizes:
         print(f"{name}:")
-        plain_runs = results.get((name, "plain", world))
+        reference = {(r, k): fig for r, k, fig in results[(name, "plain")]}
         for label in variants:
-            runs = results[(name, label, world)]
-            mean = statistics.median(r[0] for r in runs)
-            window = statistics.median(r[1] for r in runs)
-            cpu = statistics.median(r[2] for r in runs)
-            line = f"  {label:40s} {mean:9,.0f} | {window:9,.0f}   CPU {cpu:7.3f} ms"
-            if plain_runs:
-                ratio_mean = statistics.median(r[0] / p[0] for r, p in zip(runs, plain_runs))
-                ratio_window = statistics.median(r[1] / p[1] for r, p in zip(runs, plain_runs))
-                line += f"   x plain {ratio_mean:.3f} | {ratio_window:.3f}"
-            if 1 in args.worlds and world > 1:
-                one = statistics.median(r[0] for r in results[(name, label, 1)])
-                line += f"   weak scaling 1->{world} {mean / (world * one):.3f}"
-            print(line)
+            runs = results[(name, label)]
+            mean = statistics.median(fig["samples_per_s"] for *_, fig in runs)
+            window = statistics.median(fig["samples_per_s_window_median"] for *_, fig in runs)
+            cpu = statistics.median(fig["cpu_ms_per_step"] for *_, fig in runs)
+            ratio_mean = statistics.median(fig["samples_per_s"] / reference[(r, k)]["samples_per_s"]
+                                           for r, k, fig in runs)
+            ratio_window = statistics.median(fig["samples_per_s_window_median"] /
+                                             reference[(r, k)]["samples_per_s_window_median"] for r, k, fig in runs)
+            print(f"  {label:44s} {mean:9,.0f} | {window:9,.0f}   x plain {ratio_mean:.3f} | {ratio_window:.3f}"
+                  f"   CPU {cpu:6.3f} ms")
+
+
+def base_mode(args) -> str:
+    if args.isolated:
+        return f"{args.rounds} round(s), every variant in its own 2-rank job"
+    return f"{args.rounds} round(s) x {args.reps} rep(s), variants interleaved in one 2-rank job per round"
+
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))

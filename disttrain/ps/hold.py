@@ -38,11 +38,21 @@ class StragglerHold:
     def __init__(self, workers: frozenset, sync: SyncPoints | None, fallback_s: float = 60.0):
         self.workers, self.sync, self.fallback_s = workers, sync, fallback_s
         self.held: dict[int, tuple] = {}
+        self.started: set[int] = set()  # held workers that have been granted a pull
         self.step_offset = 0  # loop steps done before this session (a resumed run)
         self.quiet_since = time.monotonic()
 
     def wants(self, worker: int, synchronous: bool) -> bool:
         return worker in self.workers and not synchronous and self.sync is not None
+
+    def admits(self, worker: int) -> bool:
+        """The others start only once every held worker computes: otherwise a held worker that
+        comes up late could find the fast ones already done, and no push would be held."""
+        return self.sync is None or worker in self.workers or self.workers <= self.started
+
+    def granted(self, worker: int) -> None:
+        if worker in self.workers:
+            self.started.add(worker)
 
     def hold(self, worker: int, header, grad) -> None:
         self.held[worker] = (header, grad)

@@ -174,18 +174,28 @@ class ShardServer:
         self.stats.record_update(staleness, self.settings.max_staleness)
 
     def _grant_pulls(self) -> None:
+        """Grant waiting pulls in arrival order. Under a bound s >= 1, once the gate refuses one
+        the later ones wait behind it: otherwise fast workers, re-pulling the moment they push,
+        take every slot the bound leaves and starve a slow worker until they finish (seen: a
+        straggler refused for 20 versions while the other two ran free). A refusal there always
+        waits on computations in flight, so this cannot deadlock; with s = 0 a refusal waits on
+        the round, whose missing pushes may sit behind it, so synchronous pulls never queue."""
         waiting: collections.deque[int] = collections.deque()
+        refused = False
+        fair = self.gate.max_staleness not in (0, None)
         while self.pulls:
             worker = self.pulls.popleft()
             if worker not in self.live:
                 continue
-            if worker in self.hold.held:  # its previous gradient is not applied yet
+            if worker in self.hold.held or not self.hold.admits(worker):  # debug straggler (ps/hold.py)
                 waiting.append(worker)
                 continue
-            if self.gate.may_grant(worker, self.stats.version):
+            if not refused and self.gate.may_grant(worker, self.stats.version):
                 self.gate.granted(worker, self.stats.version)
+                self.hold.granted(worker)
                 self._send_params(worker)
             else:
+                refused = fair
                 waiting.append(worker)
         self.pulls = waiting
 

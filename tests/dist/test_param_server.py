@@ -155,9 +155,11 @@ def test_straggler_never_makes_a_gradient_older_than_the_bound(tmp_path):
     hist = count["staleness_hist"]
     assert int(count["staleness_max"]) <= bound and int(count["violations"]) == 0
     assert int(hist[bound + 1:].sum()) == 0
-    # The bound was reached: every held gradient but the last few (at the final sync point,
-    # where the fast workers park instead of pulling) is exactly `bound` versions old.
-    assert int(hist[bound]) >= steps // 2, hist.tolist()
+    # The bound was reached. Deterministic: the fast workers start only once worker 0 computes,
+    # and its held push is released only when the gate stops both of them, i.e. at exactly
+    # `bound` versions. How many of its 30 pushes get there still depends on how fast it comes
+    # back between steps (measured 13-20 of 30), so the assertion is that it happens.
+    assert int(hist[bound]) > 0, hist.tolist()
     assert int(count["version"]) == 3 * steps and count["pushes"].tolist() == [steps] * 3
     logs = _logs(tmp_path / "run")
     assert f"ps server 0 step {steps}: version {3 * steps}, staleness max " in logs

@@ -27,3 +27,13 @@ def test_released_only_when_every_other_worker_is_blocked_or_parked():
     assert not _hold(offset=10).ready(live, {}, [1], [4, 6, 9])  # resumed at 10: 2 is at 19, short of 20
     assert not StragglerHold(frozenset({0}), None).wants(0, synchronous=False)  # no sync points: no hold
     assert not _hold().wants(0, synchronous=True) and _hold().wants(0, synchronous=False)
+
+
+def test_the_others_start_only_after_the_held_worker_computes():
+    hold = StragglerHold(frozenset({0}), SyncPoints.of([10], last=30))
+    assert hold.admits(0) and not hold.admits(1)
+    hold.granted(1)
+    assert not hold.admits(2)
+    hold.granted(0)
+    assert hold.admits(1) and hold.admits(2)
+    assert StragglerHold(frozenset(), None).admits(1)  # no hold configured: nothing waits
