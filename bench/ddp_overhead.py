@@ -13,15 +13,18 @@ Every variant is timed the same way: wall clock on rank 0 from the end of the wa
 (``LOG_EVERY`` steps) to the end of the last step, timestamped every ``LOG_EVERY`` steps
 (each window holds exactly one of disttrain's logging steps); everything a loop does in
 between counts (for disttrain: logging, the stop poll, the observer, the Guard). Printed
-per model size: samples/s over the timed interval, the median of its windows, CPU ms per
-step and rank (all threads of the rank's process), and the ratio to the plain loop's block
-of the same repetition (medians). Appends one JSON line per block to
-bench/results/ddp_overhead.jsonl (commit, torch and Fabric versions, date, variant, figures).
+per model size, medians over blocks: samples/s over the timed interval and the median of
+its windows, both also as ratios to the plain block of the same round and repetition (goal:
+disttrain >= 1.0), and CPU ms per step and rank (all threads of the rank's process: the
+work done, waiting excluded, so it moves far less with the machine's load than samples/s).
+Appends one JSON line per block to bench/results/ddp_overhead.jsonl (run id, commit,
+torch and Fabric versions, date, variant, figures, load average).
 
 Fabric is measured when ``lightning-fabric`` is installed (``pip install -e .[bench]``),
 skipped with a note otherwise.
 
     .venv/bin/python bench/ddp_overhead.py [--rounds 3] [--reps 2] [--steps 150] [--isolated]
+    .venv/bin/python bench/ddp_overhead.py --summarize last     # the table of the newest run again
 
 Diagnostics: a variant may carry options after a colon, e.g.
 ``--variants plain ours "ours:fault.save_on_signal=false" "plain:stop_poll"``:
@@ -388,8 +391,6 @@ def _variants(names: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from disttrain.testing import spawn
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="jobs per model size")
     parser.add_argument("--reps", type=int, default=2, help="blocks of every variant per job (interleaved mode)")
@@ -399,21 +400,31 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["plain", "ours", "fabric"])
     parser.add_argument("--isolated", action="store_true", help="every variant in its own job")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the raw rows are appended to")
+    parser.add_argument("--summarize", metavar="RUN_ID", help="print the table of an earlier run from --results "
+                        "(\"last\": the newest run) and exit")
     args = parser.parse_args()
+    if args.summarize:
+        rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+        run_id = rows[-1]["run_id"] if args.summarize == "last" else args.summarize
+        summary([row for row in rows if row["run_id"] == run_id], args.results)
+        return
     if args.steps < 2 * LOG_EVERY:
         parser.error(f"--steps must be at least {2 * LOG_EVERY}: {LOG_EVERY} warm-up steps and one timed window")
-    variants = _variants(args.variants)
-    world = 2
+    run(args, _variants(args.variants))
+
+
+def run(args, variants: list[str]) -> None:
+    from disttrain.testing import spawn
     import torch
 
+    world = 2
     base_row = {"bench": "ddp_overhead", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
                 "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
                 "lightning_fabric": fabric_version(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                "mode": "isolated" if args.isolated else "interleaved", "world": world, "backend": "gloo",
-                "threads_per_rank": 1, "batch_per_rank": BATCH, "log_every": LOG_EVERY}
+                "mode": "isolated" if args.isolated else "interleaved", "world": world, "backend": "gloo", "threads_per_rank": 1,
+                "batch_per_rank": BATCH, "log_every": LOG_EVERY}
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    #: (model, variant) -> [(round, rep, figures)]
-    results: dict[tuple[str, str], list[tuple[int, int, dict[str, float]]]] = {}
+    rows = []
     for round_index in range(args.rounds):
         for name in args.sizes:
             steps = args.steps * STEPS_SCALE[name]
@@ -429,45 +440,46 @@ def main() -> None:
                 for index, (label, _) in enumerate(per_rank[0]):
                     rep = seen[label] = seen.get(label, -1) + 1
                     fig = figures(world, [blocks[index][1] for blocks in per_rank])
-                    results.setdefault((name, label), []).append((round_index, rep, fig))
                     row = {**base_row, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "round": round_index, "rep": rep, "model": name, "hidden": SIZES[name], "steps": steps,
                            "warmup": LOG_EVERY, "variant": label, **{k: round(v, 3) for k, v in fig.items()},
                            "loadavg_1m": round(load, 2)}
+                    rows.append(row)
                     with args.results.open("a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
                     print(f"round {round_index} rep {rep} {name} {label}: {fig['samples_per_s']:,.0f} samples/s "
                           f"(window median {fig['samples_per_s_window_median']:,.0f}; CPU {fig['cpu_ms_per_step']:.3f} "
                           f"ms/step/rank; load {load:.1f})", flush=True)
-    summary(args, variants, results)
+    summary(rows, args.results)
 
 
-def summary(args, variants: list[str], results) -> None:
-    print(f"\n{base_mode(args)}; rows appended to {args.results}")
-    print("samples/s: median over blocks of the whole timed interval | of the window medians;  x plain: median "
-          "over blocks of the ratio to the plain block of the same round and rep (same two figures);  "
-          "CPU: median ms per step and rank")
-    for name in args.sizes:
-        print(f"{name}:")
-        reference = {(r, k): fig for r, k, fig in results[(name, "plain")]}
-        for label in variants:
-            runs = results[(name, label)]
-            mean = statistics.median(fig["samples_per_s"] for *_, fig in runs)
-            window = statistics.median(fig["samples_per_s_window_median"] for *_, fig in runs)
-            cpu = statistics.median(fig["cpu_ms_per_step"] for *_, fig in runs)
-            ratio_mean = statistics.median(fig["samples_per_s"] / reference[(r, k)]["samples_per_s"]
-                                           for r, k, fig in runs)
-            ratio_window = statistics.median(fig["samples_per_s_window_median"] /
-                                             reference[(r, k)]["samples_per_s_window_median"] for r, k, fig in runs)
-            print(f"  {label:44s} {mean:9,.0f} | {window:9,.0f}   x plain {ratio_mean:.3f} | {ratio_window:.3f}"
-                  f"   CPU {cpu:6.3f} ms")
+def summary(rows: list[dict], results: Path) -> None:
+    """Medians over the blocks of one run; every ratio pairs a block with the plain block of
+    the same round and repetition (same size)."""
+    first = rows[0]
+    rounds, reps = 1 + max(row["round"] for row in rows), 1 + max(row["rep"] for row in rows)
+    how = ("every variant in its own 2-rank job" if first["mode"] == "isolated" else
+           f"x {reps} rep(s), variants interleaved in one 2-rank job per round")
+    print(f"\nrun {first['run_id']} ({first['date'][:10]}, commit {first['commit'][:10]}"
+          f"{' + local changes' if first['dirty'] else ''}, torch {first['torch']}, lightning-fabric "
+          f"{first['lightning_fabric']}): {rounds} round(s) {how}; rows in {results}")
+    print("samples/s: whole timed interval | median of its windows;  x plain: the same two as ratios to the "
+          "paired plain block;  CPU: ms per step and rank, and its ratio to plain's (> 1: more work)")
+    for model in dict.fromkeys(row["model"] for row in rows):
+        mine = [row for row in rows if row["model"] == model]
+        plain = {(row["round"], row["rep"]): row for row in mine if row["variant"] == "plain"}
+        print(f"{model}:")
+        for label in dict.fromkeys(row["variant"] for row in mine):
+            blocks = [row for row in mine if row["variant"] == label]
 
+            def med(key: str, ratio: bool = False) -> float:
+                return statistics.median(row[key] / plain[(row["round"], row["rep"])][key] if ratio else row[key]
+                                         for row in blocks)
 
-def base_mode(args) -> str:
-    if args.isolated:
-        return f"{args.rounds} round(s), every variant in its own 2-rank job"
-    return f"{args.rounds} round(s) x {args.reps} rep(s), variants interleaved in one 2-rank job per round"
-
+            print(f"  {label:44s} {med('samples_per_s'):9,.0f} | {med('samples_per_s_window_median'):9,.0f}"
+                  f"   x plain {med('samples_per_s', True):.3f} | {med('samples_per_s_window_median', True):.3f}"
+                  f"   CPU {med('cpu_ms_per_step'):6.3f} ms  x {med('cpu_ms_per_step', True):.3f}"
+                  f"   ({len(blocks)} blocks)")
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))

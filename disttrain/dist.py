@@ -85,6 +85,9 @@ def init(world: World, backend: str = "auto", timeout_s: float = 300.0) -> torch
     """
     backend = resolve_backend(backend)
     timeout = datetime.timedelta(seconds=timeout_s)
+    # A previous job in this process (Hydra multirun) retired its groups at teardown; free them
+    # now, long after their threads went idle: their store still holds the master port.
+    _release_retired()
     store = _store(world, timeout)
     prefix = f"disttrain/attempt{world.restart_count}/init{next(_INIT_COUNTER)}"
     device = device_for(world, backend)
@@ -126,7 +129,8 @@ def teardown(clean: bool = True) -> None:
     So: (1) the barrier waits with the GIL released, after every rank's last collective,
     giving the worker threads the GIL to drop their finished work; (2) the destroyed groups
     stay referenced here, so no later dealloc on the training path (Reducer, strategy) runs
-    the destructor; it runs in an atexit hook, long after the worker threads went idle.
+    the destructor; it runs at the next ``init`` in this process (a multirun's next job needs
+    the master port the old store holds) or in an atexit hook, long after the threads went idle.
     After a failure the barrier is skipped (a dead peer would hold it for the whole timeout).
     """
     if not dist.is_initialized():
