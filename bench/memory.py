@@ -136,14 +136,14 @@ def zero_child(variant: str, out_dir: str) -> None:
     psi = sum(p.numel() for p in builders.model_factory(cfg).meta().parameters())
     Path("/proc/self/clear_refs").write_text("5")
     before = _kib("VmRSS")
-    _, strategy = build_engine(cfg, world, device, Path(out_dir))  # the run's engine
+    _, engine = build_engine(cfg, world, device, Path(out_dir))  # the run's engine
     idx = torch.randint(0, 256, (2, 64))
     for _ in range(2):
-        strategy.train_step([(idx, idx)], lambda out, t: torch.nn.functional.cross_entropy(out.flatten(0, 1), t.flatten()))
+        engine.train_step([(idx, idx)], lambda out, t: torch.nn.functional.cross_entropy(out.flatten(0, 1), t.flatten()))
     result = {"variant": variant, "rank": world.rank, "peak_mb": (_kib("VmHWM") - before) / 1024,
               "held_mb": (_kib("VmRSS") - before) / 1024, "psi": psi}
     Path(out_dir, f"{variant}-{world.rank}.json").write_text(json.dumps(result))
-    strategy.close()
+    engine.close()
     dist_setup.teardown()
 
 

@@ -33,13 +33,13 @@ def run(precision: str, args) -> tuple[float, float]:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     device = torch.device(args.device)
-    _, strategy = build_engine(cfg, env.detect({}), device, Path("."))  # the run's engine
+    _, engine = build_engine(cfg, env.detect({}), device, Path("."))  # the run's engine
     loader, sampler = builders.build_loader(cfg, builders.build_dataset(cfg), (0, 1))
     loss_fn, batches, times, losses = builders.build_loss(cfg), iter(loader), [], []
     for _ in range(args.steps):
         batch = [t.to(device) for t in next(batches)]
         start = time.perf_counter()
-        stats = strategy.train_step([batch], loss_fn)
+        stats = engine.train_step([batch], loss_fn)
         losses.append(stats.loss.item())  # .item() syncs a GPU, so the time is the whole step
         times.append(time.perf_counter() - start)
         sampler.advance(1)
