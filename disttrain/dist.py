@@ -101,7 +101,7 @@ def init(world: World, backend: str = "auto", timeout_s: float = 300.0) -> torch
     return device
 
 
-#: Process groups already destroyed, kept referenced until the interpreter exits (see teardown).
+#: Process groups already destroyed, kept referenced until the next init or exit (see teardown).
 _RETIRED: list = []
 
 
