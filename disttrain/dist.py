@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import datetime
 import itertools
 import logging
@@ -108,8 +109,11 @@ _RETIRED: list = []
 @atexit.register
 def _release_retired() -> None:
     """Free the retired groups while the interpreter is still whole (atexit runs first in
-    shutdown); left to finalization, a group's worker threads can outlive it (abort)."""
-    _RETIRED.clear()
+    shutdown); left to finalization, a group's worker threads can outlive it (abort). The
+    collection frees groups (and their stores' ports) held in reference cycles too."""
+    if _RETIRED:
+        _RETIRED.clear()
+        gc.collect()
 
 
 def teardown(clean: bool = True) -> None:
