@@ -234,10 +234,10 @@ def _overrides(hidden: int, steps: int) -> list[str]:
 
 def _patch_null_observer(p: Patches) -> None:
     """No observer: no step timing, comm hook, FLOP count, straggler check, per-rank gather."""
-    import disttrain.run
+    import disttrain.engine.run
     from disttrain.observe.base import NullObserver
 
-    p.set(disttrain.run, "build_observer", lambda *args, **kwargs: NullObserver())
+    p.set(disttrain.engine.run, "build_observer", lambda *args, **kwargs: NullObserver())
 
 
 def _patch_no_comm_hook(p: Patches) -> None:
@@ -249,11 +249,11 @@ def _patch_no_comm_hook(p: Patches) -> None:
 
 def _patch_no_heartbeat(p: Patches) -> None:
     """The Guard's per-step heartbeat writes (and its batch generator) removed."""
-    import disttrain.faults
-    import disttrain.watchdog
+    import disttrain.resilience.guard
+    import disttrain.resilience.watchdog
 
-    p.set(disttrain.faults.Guard, "_batches", lambda self, batches: batches)
-    p.set(disttrain.watchdog.Heartbeat, "enter", lambda self, phase, step=None: None)
+    p.set(disttrain.resilience.guard.Guard, "_batches", lambda self, batches: batches)
+    p.set(disttrain.resilience.watchdog.Heartbeat, "enter", lambda self, phase, step=None: None)
 
 
 #: bench-only monkeypatches, each switching off one piece of disttrain's per-step work.
@@ -269,8 +269,8 @@ def ours_block(hidden: int, steps: int, warmup: int, spec: str = "", shared_grou
     import torch.distributed as dist
     from hydra import compose, initialize_config_dir
 
-    import disttrain.run
-    from disttrain.config import config_dir
+    import disttrain.engine.run
+    from disttrain.config.resolvers import config_dir
 
     extra = [item for item in _split(spec) if not item.startswith("patch=")]
     marks: Marks = []
@@ -278,7 +278,7 @@ def ours_block(hidden: int, steps: int, warmup: int, spec: str = "", shared_grou
         for item in _split(spec):
             if item.startswith("patch="):
                 OURS_PATCHES[item.removeprefix("patch=")](p)
-        real_train = disttrain.run.train
+        real_train = disttrain.engine.run.train
 
         def timed_train(settings, parts, start):
             inner = parts.after_step  # every rank, once per step, after the step's logging
@@ -292,15 +292,15 @@ def ours_block(hidden: int, steps: int, warmup: int, spec: str = "", shared_grou
             parts.after_step = after_step
             return real_train(settings, parts, start)
 
-        p.set(disttrain.run, "train", timed_train)
+        p.set(disttrain.engine.run, "train", timed_train)
         if shared_group:
-            p.set(disttrain.run.dist_setup, "init", lambda world, backend, timeout_s: _cpu())
-            p.set(disttrain.run.dist_setup, "teardown", lambda clean=True: dist.barrier() if clean else None)
+            p.set(disttrain.engine.run.dist_setup, "init", lambda world, backend, timeout_s: _cpu())
+            p.set(disttrain.engine.run.dist_setup, "teardown", lambda clean=True: dist.barrier() if clean else None)
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=_overrides(hidden, steps) + extra)
         run_dir = Path(tempfile.mkdtemp(prefix="bench-ddp-"))  # rank 0's is used (run_rank agrees)
         try:
-            disttrain.run.run_rank(cfg, run_dir)
+            disttrain.engine.run.run_rank(cfg, run_dir)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
     return marks
@@ -321,7 +321,8 @@ BLOCKS = {"plain": plain_block, "ours": ours_block, "fabric": fabric_block}
 def interleaved_job(rank: int, world_size: int, hidden: int, steps: int, labels: list[str], reps: int,
                     first: int) -> list[tuple[str, Marks]]:
     """One process group, every variant ``reps`` times in a rotating order; (label, marks) per block."""
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
 
     dist_setup.init(env.detect(), "gloo")
     out = []
@@ -339,7 +340,8 @@ def interleaved_job(rank: int, world_size: int, hidden: int, steps: int, labels:
 
 def isolated_job(rank: int, world_size: int, hidden: int, steps: int, label: str) -> list[tuple[str, Marks]]:
     """One variant alone in its 2-rank job (disttrain: run_rank with its own process group)."""
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
 
     base, _, spec = label.partition(":")
     if base == "ours":

@@ -36,11 +36,12 @@ def measure(workers: int, prefetch: int, args) -> dict[str, float]:
     """Figures of the second half of a run (the first half holds worker start-up)."""
     from hydra import compose, initialize_config_dir
 
-    from disttrain import builders, env
-    from disttrain.config import config_dir
-    from disttrain.loop import LoopParts, LoopSettings, train
-    from disttrain.metrics import Meter
-    from disttrain.progress import Progress
+    from disttrain.engine import builders
+    from disttrain.distributed import env
+    from disttrain.config.resolvers import config_dir
+    from disttrain.engine.loop import LoopParts, LoopSettings, train
+    from disttrain.observe.metrics import Meter
+    from disttrain.observe.progress import Progress
     from disttrain.engine.build import build_engine
 
     overrides = ["strategy=single", f"data.batch_size={args.batch}", f"data.num_workers={workers}",

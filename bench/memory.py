@@ -57,6 +57,7 @@ def child(model_name: str, variant: str, quick: bool, steps: int) -> dict:
     from omegaconf import OmegaConf
 
     from disttrain import memory
+    from disttrain.config.schema import section
     from disttrain.models import build_gpt, build_mlp
 
     torch.set_num_threads(1)
@@ -65,7 +66,7 @@ def child(model_name: str, variant: str, quick: bool, steps: int) -> dict:
     model = (build_mlp if model_name == "mlp" else build_gpt)(**kwargs)
     scratch = tempfile.mkdtemp(prefix="bench-offload-")
     cfg = OmegaConf.create({"memory": {**VARIANTS[variant], "offload_dir": scratch}})
-    model = memory.apply(model, cfg)
+    model = memory.apply(model, section(cfg, "memory"))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     inputs, targets = _batch(model_name, kwargs, shape)
 
@@ -117,8 +118,10 @@ def zero_child(variant: str, out_dir: str) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from disttrain import builders, dist as dist_setup, env
-    from disttrain.config import config_dir
+    from disttrain.engine import builders
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
+    from disttrain.config.resolvers import config_dir
     from disttrain.engine.build import build_engine
 
     torch.set_num_threads(1)

@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from disttrain import builders  # noqa: E402
-from disttrain.checkpoint import load_model_state  # noqa: E402
+from disttrain.engine import builders  # noqa: E402
+from disttrain.checkpoint.commit import load_model_state  # noqa: E402
 
 VARIANTS = [("ddp", ["strategy=ddp", "dist.nproc_per_node=2"], 1),
             ("ps s=0", ["strategy=param_server", "dist.nproc_per_node=3", "strategy.max_staleness=0"], 2),
@@ -61,7 +61,7 @@ def evaluate(run_dir: Path) -> float:
 
 
 def straggler(slow_rank: int, delay_s: float) -> list[str]:
-    return ["model._target_=disttrain.ps.straggler.slow_mlp", f"+model.slow_rank={slow_rank}",
+    return ["model._target_=disttrain.models.straggler.slow_mlp", f"+model.slow_rank={slow_rank}",
             f"+model.delay_s={delay_s:.4f}"]
 
 

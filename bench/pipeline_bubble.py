@@ -59,8 +59,8 @@ def _context(hidden: int):
     import torch
     from omegaconf import OmegaConf
 
-    from disttrain import env
-    from disttrain.engine.materialize import ModelFactory
+    from disttrain.distributed import env
+    from disttrain.parallel.materialize import ModelFactory
     from disttrain.models import build_mlp
     from disttrain.strategies.base import SetupContext
 
@@ -76,7 +76,7 @@ def _pipeline(schedule: str, m: int, steps: int, hidden: int, batch) -> dict:
     from disttrain.strategies.pipeline import Pipeline
 
     from disttrain.engine.step import Engine
-    from disttrain.precision import Precision
+    from disttrain.strategies.precision import Precision
 
     _, ctx = _context(hidden)
     strategy = Pipeline(micro_batches=m, schedule=schedule, balance="params")
@@ -119,7 +119,8 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, hidden: in
     import torch
     import torch.distributed as dist
 
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
 
     torch.set_num_threads(1)
     dist_setup.init(env.detect(), "gloo", 600)
@@ -173,7 +174,7 @@ def main() -> None:
     import torch.multiprocessing as mp
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from disttrain.dist import free_port
+    from disttrain.distributed.process_group import free_port
 
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(worker, args=(2, free_port(), args.rounds, args.steps, args.hidden, out),

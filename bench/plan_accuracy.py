@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from disttrain.plan import check, compose
-from disttrain.plan_validate import validate
+from disttrain.plan.core import check, compose
+from disttrain.plan.measure import validate
 
 CONFIGS = {
     # model states dominate memory here (3.2 M params x 16 B), so the memory model is tested

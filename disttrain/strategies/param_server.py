@@ -39,9 +39,9 @@ from disttrain.ps.hold import SyncPoints
 from disttrain.ps.server import ServerSettings, ShardServer
 from disttrain.ps.stats import ServerStats
 from disttrain.ps.worker import WorkerClient
-from disttrain.engine.capabilities import Capabilities
-from disttrain.engine.clip import global_grad_norm
-from disttrain.precision import Precision
+from disttrain.strategies.capabilities import Capabilities
+from disttrain.parallel.clip import global_grad_norm
+from disttrain.strategies.precision import Precision
 from disttrain.strategies.base import Batch, LossFn, SelfStepping, SetupContext, StepStats, accumulate
 
 log = logging.getLogger("disttrain")

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from disttrain.parallel import mesh as mesh_mod, split
-from disttrain.engine.materialize import scratch_copy
+from disttrain.parallel.materialize import factory_from_config, scratch_copy
 from disttrain.parallel.timing import StageClock, stage_report, theory_bubble
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, samples_of
 
@@ -96,9 +96,7 @@ class Pipeline(Strategy):
         return cls(stages, n_microbatches=self.micro_batches, loss_fn=self._micro_loss, scale_grads=False)
 
     def _sample(self, ctx: SetupContext) -> torch.Tensor:
-        from disttrain import builders
-
-        dataset = builders.build_dataset(ctx.cfg)
+        dataset = ctx.build_dataset()
         size = max(1, ctx.cfg.data.batch_size // self.micro_batches)
         return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(size)]).to(ctx.device)
 
@@ -245,6 +243,4 @@ def check_balance(blocks: list, balance: Any, ranks: int, stages: int) -> None:
 def build_blocks(cfg: DictConfig) -> list:
     """The model's blocks, built on the meta device (nothing allocated: validation must not
     build a model that may not fit this machine)."""
-    from disttrain import builders
-
-    return split.blocks_of(builders.model_factory(cfg).meta())
+    return split.blocks_of(factory_from_config(cfg).meta())

@@ -34,7 +34,7 @@ STRATEGIES = {
 def compose(*overrides: str):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from disttrain.config import config_dir
+    from disttrain.config.resolvers import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=[*MODEL, f"data.batch_size={BATCH}", *overrides])
@@ -42,7 +42,8 @@ def compose(*overrides: str):
 
 def refused(cfg) -> str | None:
     """Config validation's refusal of this combination (None when it is honoured)."""
-    from disttrain.config import ConfigError, validate
+    from disttrain.config.errors import ConfigError
+    from disttrain.engine.preflight import validate
 
     try:
         validate(cfg, world_size=2)
@@ -90,8 +91,8 @@ def val_set():
 
 
 def validation(strategy, cfg, device) -> float:
-    from disttrain.evaluate import evaluate
-    from disttrain.precision import Precision, configured
+    from disttrain.engine.evaluate import evaluate
+    from disttrain.strategies.precision import Precision, configured
 
     return evaluate(strategy, val_set(), torch.nn.MSELoss(), BATCH, Precision(configured(cfg), device), device)
 

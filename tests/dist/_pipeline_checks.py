@@ -8,18 +8,21 @@ from omegaconf import OmegaConf
 
 def context(factory, dist_degrees: dict, batch_size: int = 32):
     """A SetupContext around ``factory`` (a ModelFactory) for strategies built directly."""
-    from disttrain import env
+    from disttrain.distributed import env
     from disttrain.strategies.base import SetupContext
 
     cfg = OmegaConf.create({"dist": {"dp": None, "pp": None, "tp": None, **dist_degrees},
                             "data": {"_target_": "disttrain.data.synthetic_regression", "size": 256,
                                      "in_dim": 32, "out_dim": 1, "batch_size": batch_size}})
-    return SetupContext(world=env.detect(), device=torch.device("cpu"), model=factory, cfg=cfg, run_dir=None)
+    from disttrain.engine import builders
+
+    return SetupContext(world=env.detect(), device=torch.device("cpu"), model=factory, cfg=cfg, run_dir=None,
+                        build_dataset=lambda: builders.build_dataset(cfg))
 
 
 def mlp(depth: int = 3):
     """The reference MLP as a ModelFactory (meta build, seeded per-module init)."""
-    from disttrain.engine.materialize import ModelFactory
+    from disttrain.parallel.materialize import ModelFactory
     from disttrain.models import build_mlp
 
     return ModelFactory(build=lambda: build_mlp(in_dim=32, hidden=64, depth=depth, out_dim=1), seed=0)
@@ -28,7 +31,7 @@ def mlp(depth: int = 3):
 def engine_for(strategy, lr: float = 0.1, grad_clip=None, precision="32"):
     """The run's one optimizer step around a strategy built directly (SGD, constant lr)."""
     from disttrain.engine.step import Engine
-    from disttrain.precision import Precision
+    from disttrain.strategies.precision import Precision
 
     optimizer = torch.optim.SGD(strategy.model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -53,7 +56,7 @@ def reference_grads(factory, micro):
 def compare(strategy, factory, micro_global, my_micro) -> dict:
     """Run one forward/backward of ``strategy`` on this rank's micro-batches; return the loss
     and the largest gradient difference to the unsplit model on the global batch."""
-    from disttrain.precision import Precision
+    from disttrain.strategies.precision import Precision
 
     stats = strategy.forward_backward(my_micro, torch.nn.MSELoss(), Precision(32))
     ref_loss, ref = reference_grads(factory, micro_global)
@@ -73,7 +76,7 @@ def single_reference(tmp_path_factory) -> dict:
     pipeline and model-parallel tests): the weights every split layout must reproduce."""
     from helpers import run_disttrain
 
-    from disttrain.checkpoint import load_model_state
+    from disttrain.checkpoint.commit import load_model_state
 
     run_dir = tmp_path_factory.getbasetemp() / "single-reference-b32"
     if not (run_dir / "checkpoints" / "latest").exists():

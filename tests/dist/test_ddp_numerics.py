@@ -70,7 +70,8 @@ def _count_allreduces(rank, world_size):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
     from disttrain.strategies.base import accumulate
 
     dist_setup.init(env.detect(), "gloo", 60)

@@ -26,7 +26,7 @@ FAST = ["metrics.peak_flops=1e12", "metrics.count_flops=false", "trainer.log_eve
 def _compose(*overrides):
     from hydra import compose, initialize_config_dir
 
-    from disttrain.config import config_dir
+    from disttrain.config.resolvers import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
@@ -49,7 +49,8 @@ def _deepspeed(name: str) -> list[str]:
 
 def _train(rank: int, world_size: int, names: list[str]):
     """Per optimizer: DDP, then DeepSpeed at each ZeRO stage, on the same per-rank batches."""
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
     from disttrain.engine.build import build_engine
 
     world = env.detect()
@@ -90,7 +91,7 @@ def test_zero_stages_match_ddp_on_two_ranks():
 
 
 def _initial():
-    from disttrain import builders
+    from disttrain.engine import builders
 
     return builders.model_builder(_compose())().state_dict()
 
@@ -107,7 +108,7 @@ def test_deepspeed_checkpoint_resume_and_full_state(tmp_path):
     run_disttrain(common + [f"checkpoint.resume={middle}"], tmp_path / "resumed", timeout=600)
     assert f"resumed from {middle}" in (tmp_path / "resumed" / "train.log").read_text()
 
-    from disttrain.checkpoint import load_model_state
+    from disttrain.checkpoint.commit import load_model_state
 
     straight, resumed = load_model_state(tmp_path / "straight"), load_model_state(tmp_path / "resumed")
     at_three, plain = load_model_state(tmp_path / "straight", step=3), _initial()
@@ -132,7 +133,8 @@ def test_missing_deepspeed_says_how_to_install(tmp_path):
 
 
 def test_generated_config_follows_ours_and_rejects_owned_keys():
-    from disttrain.config import ConfigError, validate
+    from disttrain.config.errors import ConfigError
+    from disttrain.engine.preflight import validate
     from disttrain.strategies import deepspeed_config
 
     cfg = _compose("strategy=deepspeed", "data.batch_size=4", "trainer.grad_accum_steps=3", "trainer.precision=bf16",
@@ -165,7 +167,8 @@ def _ds_features(rank: int, world_size: int, tmp: str):
     the validation loss of each on its own weights."""
     import _matrix as mx
 
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
 
     world = env.detect()
     device = dist_setup.init(world, "gloo", 120)

@@ -36,8 +36,10 @@ class _Replica:
 
 
 def _eval_on_rank(rank, world_size):
-    from disttrain import dist as dist_setup, env, evaluate
-    from disttrain.precision import Precision
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
+    from disttrain.engine import evaluate
+    from disttrain.strategies.precision import Precision
 
     dist_setup.init(env.detect(), "gloo", 60)
     try:
@@ -50,8 +52,8 @@ def _eval_on_rank(rank, world_size):
 
 @pytest.mark.world_size(2)
 def test_sharded_validation_equals_one_process():
-    from disttrain import evaluate
-    from disttrain.precision import Precision
+    from disttrain.engine import evaluate
+    from disttrain.strategies.precision import Precision
 
     data, model = _data_and_model()
     reference = evaluate.evaluate(_Replica(model, (0, 1)), data, torch.nn.MSELoss(), 37, Precision(32),
@@ -63,7 +65,7 @@ def test_sharded_validation_equals_one_process():
 
 
 def _diverge():
-    from disttrain.evaluate import check_finite
+    from disttrain.engine.evaluate import check_finite
 
     check_finite(7, "training loss", float("nan"))
 
@@ -72,8 +74,8 @@ def test_worker_failure_reason_reaches_the_sweep():
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from disttrain.dist import free_port
-    from disttrain.sweep import failure_reason
+    from disttrain.distributed.process_group import free_port
+    from disttrain.sweep.job import failure_reason
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1, run_id="t", rdzv_backend="c10d",
                           rdzv_endpoint=f"127.0.0.1:{free_port()}", start_method="spawn", monitor_interval=0.1,

@@ -23,7 +23,8 @@ CHANGED = 5e-5      # a feature that changes the arithmetic moves some weight at
 def _run_matrix(rank, world_size, tmp):
     from pathlib import Path
 
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
 
     world = env.detect()
     device = dist_setup.init(world, "gloo", 120)

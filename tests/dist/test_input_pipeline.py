@@ -33,7 +33,7 @@ class Tagged(Dataset):
 
 
 def _loader(cfg, shard_dir, rank, world):
-    from disttrain import builders
+    from disttrain.engine import builders
     from disttrain.data.shards import ShardedTokens, TokenBlocks
 
     return builders.build_loader(cfg, Tagged(TokenBlocks(ShardedTokens(shard_dir), T, T)), (rank, world))
@@ -61,7 +61,8 @@ def _consume(shard_dir, workers, steps, restart_at, rank, world):
 
 
 def _rank_reads(rank, world, shard_dir):
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
 
     world_info = env.detect()
     dist_setup.init(world_info, "gloo", 60)
@@ -113,11 +114,11 @@ class Sleeper:
 def _data_wait(tmp_path, workers):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from disttrain import builders
+    from disttrain.engine import builders
     from disttrain.data import synthetic_regression
-    from disttrain.loop import LoopParts, LoopSettings, train
-    from disttrain.metrics import Meter, TensorBoard
-    from disttrain.progress import Progress
+    from disttrain.engine.loop import LoopParts, LoopSettings, train
+    from disttrain.observe.metrics import Meter, TensorBoard
+    from disttrain.observe.progress import Progress
 
     # 8 samples x 5 ms = 40 ms to load a batch, 60 ms to compute on it.
     cfg = OmegaConf.create({"trainer": {"seed": 0}, "data": {"batch_size": 8, "num_workers": workers,
@@ -166,7 +167,7 @@ def _start(run_dir, log_path):
 def test_killed_run_with_workers_resumes_bitwise(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from disttrain.checkpoint import load_model_state
+    from disttrain.checkpoint.commit import load_model_state
 
     ref_dir, victim_dir = tmp_path / "ref", tmp_path / "victim"
     victim, ref = (_start(run_dir, tmp_path / f"{run_dir.name}.out") for run_dir in (victim_dir, ref_dir))

@@ -25,7 +25,9 @@ def _ddp_grads(rank: int, world_size: int, scratch: str):
     from omegaconf import OmegaConf
     from torch.nn.parallel import DistributedDataParallel
 
-    from disttrain import builders, dist as dist_setup, env
+    from disttrain.engine import builders
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
 
     dist_setup.init(env.detect(), "gloo", 60)
     data = torch.Generator().manual_seed(rank)
@@ -71,7 +73,7 @@ def test_cli_ddp_with_checkpointing_and_disk_offload_trains_like_plain(tmp_path)
     run_disttrain(common, tmp_path / "plain", timeout=400)
     run_disttrain(common + ["memory.activation_checkpointing=every_n", "memory.activation_offload=disk",
                             "memory.offload_min_bytes=0"], tmp_path / "mem", timeout=400)
-    from disttrain.checkpoint import load_model_state
+    from disttrain.checkpoint.commit import load_model_state
 
     plain, mem = load_model_state(tmp_path / "plain"), load_model_state(tmp_path / "mem")
     assert plain.keys() == mem.keys()

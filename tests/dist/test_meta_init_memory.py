@@ -32,8 +32,10 @@ def _peaks(rank, world_size, overrides):
 
     from hydra import compose, initialize_config_dir
 
-    from disttrain import builders, dist as dist_setup, env
-    from disttrain.config import config_dir
+    from disttrain.engine import builders
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
+    from disttrain.config.resolvers import config_dir
     from disttrain.engine.build import build_engine
 
     world = env.detect()

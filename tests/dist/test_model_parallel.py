@@ -9,7 +9,7 @@ import torch
 from _pipeline_checks import CLI_COMMON, single_reference
 from helpers import run_disttrain, spawn
 
-from disttrain.checkpoint import load_model_state
+from disttrain.checkpoint.commit import load_model_state
 
 TOL = 1e-6
 
@@ -19,8 +19,9 @@ def _full(t):
 
 
 def _tp_gpt(rank, world_size):
-    from disttrain import dist as dist_setup, env
-    from disttrain.losses import SequenceCrossEntropy
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
+    from disttrain.models.losses import SequenceCrossEntropy
     from disttrain.models import build_gpt
     from disttrain.strategies.model_parallel import TensorParallel
 
@@ -28,7 +29,7 @@ def _tp_gpt(rank, world_size):
 
     dist_setup.init(env.detect(), "gloo", 60)
 
-    from disttrain.engine.materialize import ModelFactory
+    from disttrain.parallel.materialize import ModelFactory
 
     factory = ModelFactory(build=lambda: build_gpt(vocab_size=64, block_size=16, dim=32, heads=4, layers=2), seed=0)
     strategy = TensorParallel()
@@ -100,7 +101,9 @@ def test_cli_model_parallel_weights_equal_single(single_ref, tmp_path, mode):
 def test_bad_settings_are_rejected_before_training(overrides, world, key):
     from hydra import compose, initialize_config_dir
 
-    from disttrain.config import ConfigError, config_dir, validate
+    from disttrain.config.errors import ConfigError
+    from disttrain.config.resolvers import config_dir
+    from disttrain.engine.preflight import validate
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["strategy=model_parallel", *overrides])

@@ -10,7 +10,7 @@ from helpers import spawn
 from observe_runs import pipeline_run
 
 from disttrain.observe.flops import mlp_train_flops
-from disttrain.report import read_scalars
+from disttrain.observe.report import read_scalars
 
 DELAY = 0.15
 
@@ -59,18 +59,20 @@ def _observe_steps(rank, world_size, slow_rank):
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from disttrain import dist as dist_setup, env
-    from disttrain.metrics import TensorBoard
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
+    from disttrain.observe.metrics import TensorBoard
     from disttrain.models import build_mlp
     from disttrain.observe import comm
-    from disttrain.observe.observer import MetricsSettings, Observer
+    from disttrain.config.schema import MetricsConfig
+    from disttrain.observe.observer import Observer
     from disttrain.strategies.base import StepStats
 
     world = env.detect()
     dist_setup.init(world, "gloo", 60)
     torch.manual_seed(0)
     model = DistributedDataParallel(build_mlp(hidden=256))
-    settings = MetricsSettings(straggler_every=10, straggler_ratio=2.0)
+    settings = MetricsConfig(straggler_every=10, straggler_ratio=2.0)
     observer = Observer(settings, world, torch.device("cpu"), TensorBoard(None, enabled=False),
                         comm.attach(model), 1e10, None)
     named = []

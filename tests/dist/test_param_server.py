@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-from disttrain import builders
-from disttrain.checkpoint import load_model_state
+from disttrain.engine import builders
+from disttrain.checkpoint.commit import load_model_state
 from disttrain.data.sampler import ResumableBatchSampler
 from helpers import run_disttrain
 
@@ -38,7 +38,7 @@ def synchronous_sgd_reference(run_dir: Path, steps: int, workers: int, clip: flo
     model = builders.model_builder(cfg)()
     optimizer = builders.optimizer_builder(cfg)(model.parameters())
     scheduler = builders.scheduler_builder(cfg)(optimizer)
-    from disttrain.evaluate import split_from_config
+    from disttrain.engine.evaluate import split_from_config
 
     dataset, _ = split_from_config(cfg, builders.build_dataset(cfg))  # the training split
     loss_fn = builders.build_loss(cfg)
@@ -100,7 +100,7 @@ def test_clipping_and_evaluation_on_the_servers_equal_synchronous_sgd(tmp_path):
     averaged gradient by its global norm, as DDP does; validation runs on the servers' current weights (no
     mismatched collectives between servers and workers) and equals one process evaluating
     those weights. bf16 on the workers is honoured (the weights move off the fp32 run's)."""
-    from disttrain.evaluate import split_from_config
+    from disttrain.engine.evaluate import split_from_config
 
     run_dir = tmp_path / "clip"
     run_disttrain(SYNC + ["trainer.grad_clip=0.05", "data.val_fraction=0.25", "trainer.eval_every=6",

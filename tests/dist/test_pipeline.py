@@ -10,13 +10,14 @@ import torch
 from _pipeline_checks import CLI_COMMON as COMMON, single_reference
 from helpers import run_disttrain, spawn
 
-from disttrain.checkpoint import load_model_state
+from disttrain.checkpoint.commit import load_model_state
 
 TOL = 1e-6
 
 
 def _grad_cases(rank, world_size, cases):
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
     from disttrain.strategies.pipeline import Pipeline
 
     import _pipeline_checks as chk
@@ -52,7 +53,8 @@ def test_gpipe_and_1f1b_loss_and_every_gradient_equal_unsplit_model():
 
 
 def _interleaved(rank, world_size):
-    from disttrain import dist as dist_setup, env
+    from disttrain.distributed import process_group as dist_setup
+    from disttrain.distributed import env
     from disttrain.strategies.pipeline import Pipeline
 
     import _pipeline_checks as chk
@@ -139,7 +141,9 @@ def test_cli_dp2_x_pp2_1f1b_with_accumulation_on_four_ranks_equals_single(single
 def test_bad_settings_are_rejected_before_training(overrides, world, key):
     from hydra import compose, initialize_config_dir
 
-    from disttrain.config import ConfigError, config_dir, validate
+    from disttrain.config.errors import ConfigError
+    from disttrain.config.resolvers import config_dir
+    from disttrain.engine.preflight import validate
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["strategy=pipeline", *overrides])

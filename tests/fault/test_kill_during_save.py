@@ -1,6 +1,6 @@
 """SIGKILL while a checkpoint is being written (fault.debug slows that one write) leaves the
 previous checkpoint intact, pointed to by `latest` and loadable; the next run's start-up
-(Checkpointer.clean_partial + choose, as in disttrain/run.py) removes the partial write and
+(Checkpointer.clean_partial + choose, as in disttrain/engine/run.py) removes the partial write and
 picks the previous checkpoint. (Resuming bitwise after a kill: tests/fault/test_kill_resume.py.)"""
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import sys
 import pytest
 from launch_helpers import ROOT, TRAIN, kill_group, launch_env, wait_for
 
-from disttrain.checkpoint import Checkpointer, load_model_state, verify
+from disttrain.checkpoint.commit import Checkpointer, load_model_state, verify
 
 # Real launchers, several process starts each; generous timeout for a loaded 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

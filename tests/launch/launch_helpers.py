@@ -52,13 +52,13 @@ def torchrun_sweep_dir() -> Path:
 
 
 def reference_weights() -> dict[str, torch.Tensor]:
-    from disttrain.checkpoint import load_model_state
+    from disttrain.checkpoint.commit import load_model_state
 
     return load_model_state(torchrun_sweep_dir() / "0", step=MAX_STEPS)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from disttrain.checkpoint import load_model_state
+    from disttrain.checkpoint.commit import load_model_state
 
     return load_model_state(run_dir, step=MAX_STEPS)
 

@@ -80,7 +80,7 @@ def _image_present() -> bool:
 def test_image_trains_two_processes(tmp_path):
     import torch
 
-    from disttrain.checkpoint import load_model_state, verify
+    from disttrain.checkpoint.commit import load_model_state, verify
 
     out = tmp_path / "outputs"
     out.mkdir()

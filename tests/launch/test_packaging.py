@@ -91,7 +91,7 @@ def _records(run_dir: Path) -> list[dict]:
 def test_installed_package_trains_from_anywhere(installed):
     """The default training, from the wheel: its configs and its code, not the checkout's."""
     run_dir = installed["cwd"] / "run"
-    proc = _python(installed, "-c", "import disttrain.config as c; print(c.__file__); print(c.config_dir())")
+    proc = _python(installed, "-c", "import disttrain.config.resolvers as c; print(c.__file__); print(c.config_dir())")
     module, conf = proc.stdout.split()
     assert Path(module).is_relative_to(installed["target"]) and Path(conf) == installed["target"] / "disttrain" / "conf"
     _python(installed, "-m", "disttrain", "trainer.max_steps=6", "trainer.log_every=3", "trainer.progress=log",
@@ -132,7 +132,7 @@ def test_editable_checkout_reads_the_top_level_conf():
     """In the checkout (and the editable install) disttrain/conf is a link to conf/: users
     edit conf/, the package reads it."""
     assert (ROOT / "disttrain" / "conf").resolve() == (ROOT / "conf").resolve()
-    proc = run_process([sys.executable, "-c", "import disttrain.config as c; print(c.config_dir())"], timeout=60,
+    proc = run_process([sys.executable, "-c", "import disttrain.config.resolvers as c; print(c.config_dir())"], timeout=60,
                        env={k: v for k, v in cli_env().items() if k != "PYTHONPATH"}, cwd=Path(os.sep))
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()) == ROOT / "conf"

@@ -7,7 +7,9 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from disttrain.config import ConfigError, config_dir, validate
+from disttrain.config.errors import ConfigError
+from disttrain.config.resolvers import config_dir
+from disttrain.engine.preflight import validate
 from helpers import ROOT, cli_env
 
 STRATEGIES = {"single": ["strategy=single"], "ddp": ["strategy=ddp"], "pipeline": ["strategy=pipeline"],

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from disttrain.checkpoint import Checkpointer, CheckpointError, find_latest_valid, load_model_state, verify
+from disttrain.checkpoint.commit import Checkpointer, CheckpointError, find_latest_valid, load_model_state, verify
 
 
 def _state(value: float):

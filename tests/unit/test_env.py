@@ -1,6 +1,6 @@
 """env.detect() for launcher environments seen on a real Slurm 22.05 and Open MPI 5 (issue 6):
 the batch script body, srun tasks, mpirun inside a Slurm job, srun --mpi=pmi2."""
-from disttrain.env import detect, slurm_port
+from disttrain.distributed.env import detect, slurm_port
 
 # What a 2-task sbatch job printed (tests/launch/slurm_cluster.sh), trimmed to what matters.
 BATCH_BODY = {"SLURM_JOB_ID": "41", "SLURM_JOBID": "41", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",

@@ -1,7 +1,7 @@
 """env.detect() per launcher, from crafted environments."""
 import pytest
 
-from disttrain.env import LauncherEnvError, detect, first_slurm_host, slurm_port
+from disttrain.distributed.env import LauncherEnvError, detect, first_slurm_host, slurm_port
 
 
 def test_no_launcher_is_single():

@@ -8,9 +8,11 @@ import pytest
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from disttrain import faults
-from disttrain.signals import parse_signal
-from disttrain.watchdog import PHASES, Heartbeat, Watchdog
+from disttrain.config.schema import FaultConfig
+from disttrain.resilience import guard as faults
+from disttrain.resilience.signals import StopPoll
+from disttrain.resilience.signals import parse_signal
+from disttrain.resilience.watchdog import PHASES, Heartbeat, Watchdog
 
 
 @pytest.mark.parametrize("name", ["USR1", "usr1", "SIGUSR1", str(int(signal.SIGUSR1))])
@@ -49,8 +51,43 @@ def test_stack_dump_names_the_rank(tmp_path):
 
 
 def test_after_a_signal_stop_no_further_sweep_job_starts(monkeypatch, tmp_path):
-    from disttrain.env import World
+    from disttrain.distributed.env import World
 
     monkeypatch.setattr(faults, "_SIGNAL_STOPPED", ["SIGUSR1"])
     with pytest.raises(faults.SignalStop, match="SIGUSR1 stopped an earlier job of this sweep"):
-        faults.Guard(OmegaConf.create({}), World(), tmp_path, None)
+        faults.Guard(FaultConfig(), 60.0, World(), tmp_path, None)
+
+
+class _Recorder:
+    """A StopSignal stand-in: records at which steps the poll ran its collective."""
+
+    def __init__(self, slowest_step_s: float, stop_at: int | None = None):
+        self.slowest, self.stop_at, self.polled = slowest_step_s, stop_at, []
+
+    def agreed(self, local_figure: float):
+        self.polled.append(self.step)
+        return (self.stop_at is not None and self.step >= self.stop_at), self.slowest
+
+
+def _run_poll(poll_s: float, slowest: float, steps: int, multiple: int = 1, stop_at=None) -> tuple[list[int], int]:
+    rec = _Recorder(slowest, stop_at)
+    poll = StopPoll(rec, poll_s, start_step=0, multiple=multiple)
+    for step in range(1, steps + 1):
+        rec.step = step
+        if poll(step):
+            return rec.polled, step
+    return rec.polled, steps
+
+
+def test_stop_poll_spaces_collectives_by_the_agreed_step_time():
+    # slowest rank at 10 ms/step, poll every 0.25 s: one collective per 25 steps after the first
+    polled, _ = _run_poll(0.25, 0.010, 200)
+    assert polled == [1, 26, 51, 76, 101, 126, 151, 176]
+    # poll_s = 0: every step, as before the cadence existed
+    assert _run_poll(0.0, 0.010, 5)[0] == [1, 2, 3, 4, 5]
+
+
+def test_stop_poll_stays_on_the_strategys_multiple_and_stops_at_a_poll():
+    polled, stopped = _run_poll(0.25, 0.010, 200, multiple=10, stop_at=60)
+    assert all(step % 10 == 0 for step in polled) and polled[:3] == [10, 40, 70]
+    assert stopped == 70  # the first poll after the signal, the same step on every rank

@@ -3,7 +3,7 @@ MFU is the achieved FLOP/s over the ranks' peaks."""
 import pytest
 import torch
 
-from disttrain.losses import SequenceCrossEntropy
+from disttrain.models.losses import SequenceCrossEntropy
 from disttrain.models import build_gpt, build_mlp
 from disttrain.observe.flops import count_train_flops, gpt_train_flops, mlp_train_flops
 from disttrain.observe.observer import RANK_FIELDS, _global_fields

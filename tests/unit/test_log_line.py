@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from disttrain.logs import duration, si, step_line
-from disttrain.metrics import TensorBoard
-from disttrain.progress import Progress, bar_info
+from disttrain.observe.logs import duration, si, step_line
+from disttrain.observe.metrics import TensorBoard
+from disttrain.observe.progress import Progress, bar_info
 
 FIELDS = {"loss": 0.029612, "samples_per_s": 12913.0, "time_step_s": 0.00242, "time_comm_s": 0.001355,
           "data_wait_s": 0.0000968, "mfu": 0.0312, "peak_mem_gb": 0.42 * 2**30 / 1e9, "lr": 0.05,
@@ -49,7 +49,7 @@ def test_log_mode_prints_one_line_per_logging_step(caplog):
 
 
 def test_metrics_jsonl_holds_every_scalar_once_per_logging_step(tmp_path):
-    from disttrain.report import read_scalars
+    from disttrain.observe.report import read_scalars
 
     board = TensorBoard(tmp_path, enabled=True)
     board.scalars(0, {"restart_count": 0.0}, prefix="fault")          # before the first step

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from disttrain import memory
+from disttrain.config.schema import section
 from disttrain.memory import offload as offload_mod
 from disttrain.models import build_gpt, build_mlp
 
@@ -42,7 +43,7 @@ def _grads(name: str, mem: dict, tmp_path: Path, saved: list | None = None):
     inputs, targets = data()
     torch.manual_seed(1)
     cfg = OmegaConf.create({"memory": {**mem, "offload_dir": str(tmp_path / "offload")}})
-    model = memory.apply(build(), cfg)
+    model = memory.apply(build(), section(cfg, "memory"))
     saved = [] if saved is None else saved
     count = lambda t: (saved.append(t.numel()), t)[1]  # noqa: E731  outermost hooks: what stays saved
     with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
@@ -143,7 +144,7 @@ def test_disk_offload_cleans_up_unused_graphs_and_crashed_runs(tmp_path):
 
 
 def test_builder_applies_the_memory_section(tmp_path):
-    from disttrain import builders
+    from disttrain.engine import builders
 
     cfg = OmegaConf.create({"trainer": {"seed": 0}, "model": {"_target_": "disttrain.models.build_mlp"},
                             "memory": {"activation_checkpointing": "every_n", "checkpoint_every": 2,
@@ -162,7 +163,8 @@ def test_builder_applies_the_memory_section(tmp_path):
 def test_bad_memory_settings_name_the_key(override, key):
     from hydra import compose, initialize_config_dir
 
-    from disttrain.config import ConfigError, config_dir
+    from disttrain.config.errors import ConfigError
+    from disttrain.config.resolvers import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[override])

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from disttrain import plan_model as pm
-from disttrain.plan import parse_bandwidth, parse_bytes
+from disttrain.plan import model as pm
+from disttrain.plan.core import parse_bandwidth, parse_bytes
 from helpers import run_process
 
 FACTS = pm.ModelFacts(params=1_000_000, linear_params=900_000, flops_per_sample=6e6, act_bytes_per_sample=1e4,
@@ -82,7 +82,7 @@ def test_plan_command_marks_an_oversized_model():
 
 
 def test_plan_rejects_a_bad_size(capsys):
-    from disttrain.plan import main
+    from disttrain.plan.cli import main
 
     code = main(["plan.device_memory=lots", "plan.bandwidth=1GB/s", "plan.peak_flops=1e12", "plan.efficiency=0.5"])
     assert code == 2 and "plan.device_memory='lots'" in capsys.readouterr().err

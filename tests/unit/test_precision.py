@@ -7,9 +7,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from disttrain import builders, env
-from disttrain.config import ConfigError, config_dir, validate
-from disttrain.precision import Precision, deepspeed_config
+from disttrain.engine import builders
+from disttrain.distributed import env
+from disttrain.config.errors import ConfigError
+from disttrain.config.resolvers import config_dir
+from disttrain.engine.preflight import validate
+from disttrain.strategies.precision import Precision, deepspeed_config
 from disttrain.engine.build import build_engine
 
 #: bf16 keeps 8 bits of mantissa: after 150 SGD steps on the reference regression task its

@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from disttrain.config import ConfigError, config_dir, validate
+from disttrain.config.errors import ConfigError
+from disttrain.config.resolvers import config_dir
+from disttrain.engine.preflight import validate
 
 
 def _compose(*overrides):

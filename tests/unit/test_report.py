@@ -7,7 +7,7 @@ from PIL import Image
 
 from observe_runs import pipeline_run
 
-from disttrain.report import DPI, FIGSIZE, _figure, draw_timeline, load_timeline, main
+from disttrain.observe.report import DPI, FIGSIZE, _figure, draw_timeline, load_timeline, main
 
 
 def test_report_writes_pictures(tmp_path, capsys):

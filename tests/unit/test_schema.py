@@ -1,11 +1,11 @@
-"""The typed schema (disttrain.schema): a wrong type fails at compose time naming the key,
+"""The typed schema (disttrain.config.schema): a wrong type fails at compose time naming the key,
 in one line with exit code 2 from the CLI; the defaults are those conf/config.yaml had."""
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from disttrain import schema
-from disttrain.config import config_dir
+from disttrain.config import schema
+from disttrain.config.resolvers import config_dir
 
 BAD = [  # override, the line's start (key=value), the type it needs
     ("dist.timeout_s=abc", "dist.timeout_s='abc'", "float"),
@@ -69,7 +69,7 @@ def test_defaults_are_the_old_config_yaml_values():
         assert {k: got[k] for k in values} == values, section
     assert cfg.data.val_fraction == 0.0
     assert cfg.trainer.grad_clip is None and cfg.trainer.compile is False
-    assert cfg.sweep.dir is None  # filled in per trial by disttrain.sweep
+    assert cfg.sweep.dir is None  # filled in per trial by disttrain.sweep.job
     structured = OmegaConf.structured(schema.DisttrainConfig)  # the values live in the schema only
     assert all(cfg[s] == structured[s] for s in OLD_DEFAULTS)
 

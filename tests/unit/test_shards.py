@@ -107,7 +107,9 @@ def test_loader_settings_are_validated_up_front(key, value, message):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from disttrain.config import ConfigError, config_dir, validate
+    from disttrain.config.errors import ConfigError
+    from disttrain.config.resolvers import config_dir
+    from disttrain.engine.preflight import validate
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["strategy=single"])

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from disttrain.distributed.hostlist import expand, first_host
-from disttrain.env import LauncherEnvError
+from disttrain.distributed.env import LauncherEnvError
 
 EXPANSIONS = [
     ("n1", ["n1"]),

@@ -11,9 +11,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import TensorDataset
 
-from disttrain import evaluate, sweep
-from disttrain.config import ConfigError
-from disttrain.prune import Pruner
+from disttrain.engine import evaluate
+from disttrain.sweep import job as sweep
+from disttrain.config.errors import ConfigError
+from disttrain.sweep.prune import Pruner
 
 
 def _trial(sweep_dir: Path, num: int, status: str, objective, lr: str, history=None, reason="") -> None:

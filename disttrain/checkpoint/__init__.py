@@ -1,0 +1,1 @@
+"""Checkpoints: atomic, verified commits of model, optimizer, data and RNG state (``commit``)."""

@@ -1,0 +1,145 @@
+"""Process-group set-up and teardown: backend choice, device, and a rendezvous that
+survives elastic restarts and repeated initialisation in one process (Hydra multirun)."""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import gc
+import datetime
+import itertools
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from disttrain.distributed.env import LauncherEnvError, World
+
+log = logging.getLogger(__name__)
+_INIT_COUNTER = itertools.count()
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` means NCCL when CUDA is usable, else gloo."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("dist.backend=nccl needs CUDA GPUs; none is visible. Use dist.backend=gloo or auto.")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"dist.backend={backend!r} is not one of auto, gloo, nccl.")
+    return backend
+
+
+def device_for(world: World, backend: str) -> torch.device:
+    if backend == "nccl":
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _mpi_bootstrap(world: World) -> World:
+    """Without MASTER_ADDR, rank 0 of the MPI job picks its address and a free port and
+    broadcasts them through mpi4py; MPI only bootstraps, gloo/NCCL carry the tensors."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise LauncherEnvError(
+            "mpirun launch without MASTER_ADDR needs mpi4py: pip install -e '.[mpi]' "
+            "(or export MASTER_ADDR and MASTER_PORT)."
+        ) from exc
+    comm = MPI.COMM_WORLD
+    addr = port = None
+    if comm.Get_rank() == 0:
+        addr = world.master_addr or socket.gethostbyname(socket.gethostname())
+        port = world.master_port or free_port()
+    addr, port = comm.bcast((addr, port), root=0)
+    return dataclasses.replace(world, master_addr=addr, master_port=port)
+
+
+def _store(world: World, timeout: datetime.timedelta) -> dist.Store:
+    if world.launcher == "single":
+        return dist.HashStore()
+    if world.master_addr is None or world.master_port is None:
+        if world.launcher != "mpi":
+            raise LauncherEnvError(f"{world.launcher} launch without MASTER_ADDR/MASTER_PORT.")
+        world = _mpi_bootstrap(world)
+    is_master = world.rank == 0 and not world.agent_store
+    return dist.TCPStore(
+        world.master_addr, world.master_port, world.world_size, is_master,
+        timeout=timeout, wait_for_workers=False,
+    )
+
+
+def init(world: World, backend: str = "auto", timeout_s: float = 300.0) -> torch.device:
+    """Create the default process group and return this rank's device.
+
+    Every init uses a fresh key prefix (restart count + a per-process counter): after an
+    elastic restart, or a second init in one process, the store still holds the previous
+    round's addresses and gloo would try to connect to dead peers.
+    """
+    backend = resolve_backend(backend)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # A previous job in this process (Hydra multirun) retired its groups at teardown; free them
+    # now, long after their threads went idle: their store still holds the master port.
+    _release_retired()
+    store = _store(world, timeout)
+    prefix = f"disttrain/attempt{world.restart_count}/init{next(_INIT_COUNTER)}"
+    device = device_for(world, backend)
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(prefix, store), rank=world.rank,
+        world_size=world.world_size, timeout=timeout, **kwargs,
+    )
+    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    log.debug("process group up: rank %d/%d backend %s", world.rank, world.world_size, backend)
+    return device
+
+
+#: Process groups already destroyed, kept referenced until the next init or exit (see teardown).
+_RETIRED: list = []
+
+
+@atexit.register
+def _release_retired() -> None:
+    """Free the retired groups while the interpreter is still whole (atexit runs first in
+    shutdown); left to finalization, a group's worker threads can outlive it (abort). The
+    collection frees groups (and their stores' ports) held in reference cycles too."""
+    if _RETIRED:
+        _RETIRED.clear()
+        gc.collect()
+
+
+def teardown(clean: bool = True) -> None:
+    """Destroy the process group (after a clean finish, meet every rank at a barrier first).
+
+    The cause of a teardown deadlock this avoids (seen in 1 of 6 two-rank DDP runs; py-spy:
+    the main thread in ``std::thread::join`` inside ``~ProcessGroupGloo``, a gloo thread in
+    ``gil_scoped_acquire`` inside ``~AsyncAllreduceWork``): torch stashes a Python object (a
+    ``contextvars.Context``) in the thread-local state of every backward, and each collective
+    launched during backward (DDP's bucket all-reduces) captures that state. The gloo worker
+    thread drops the finished work a moment after completing it, and that decref needs the
+    GIL. The ProcessGroupGloo destructor joins its worker threads while holding the GIL; when
+    the last reference to the group goes right after the last backward (DDP's Reducer, freed
+    as the training function returns), both wait for each other forever and the peer that
+    already left never comes back.
+
+    So: (1) the barrier waits with the GIL released, after every rank's last collective,
+    giving the worker threads the GIL to drop their finished work; (2) the destroyed groups
+    stay referenced here, so no later dealloc on the training path (Reducer, strategy) runs
+    the destructor; it runs at the next ``init`` in this process (a multirun's next job needs
+    the master port the old store holds) or in an atexit hook, long after the threads went idle.
+    After a failure the barrier is skipped (a dead peer would hold it for the whole timeout).
+    """
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    _RETIRED.extend(dist.distributed_c10d._world.pg_map.keys())
+    dist.destroy_process_group()

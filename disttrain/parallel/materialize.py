@@ -1,0 +1,173 @@
+"""Build the model on the meta device, then give real storage only to what a rank keeps.
+
+Strategies cut (pipeline) and shard (tensor parallel, FSDP) the model while it is on the
+meta device, where nothing is allocated, and call ``materialize`` on what is left: a rank
+never holds the whole model unless its strategy keeps the whole model.
+
+Initial weights must not depend on the split, so they cannot come from one RNG stream
+consumed in construction order. Each module that owns parameters is initialised by its own
+``reset_parameters()`` (what torch's layers use in ``__init__``) under an RNG seeded from
+``trainer.seed`` and the module's fully qualified name in the unsplit model. A pipeline
+stage, a tensor-parallel shard and the whole single-process model therefore all see the
+same values for the same parameter. Sharded parameters (DTensors) are initialised full
+size one module at a time and then distributed, so the transient is one layer, not the model.
+
+A model that cannot be built this way (construction fails on meta, or a module owns
+parameters or buffers without ``reset_parameters``) is built for real once on this rank
+and copied by name instead ("seeded copy"): correct everywhere, but the whole model passes
+through host memory. ``plan_init`` decides once, from the model alone, so every rank and
+every reference run agrees.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import zlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger("disttrain")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFactory:
+    """Builds the user's model (``model._target_``) on meta, materializes parts of it."""
+
+    build: Callable[[], nn.Module]   # the user's callable, arguments bound
+    seed: int
+
+    def meta(self) -> nn.Module:
+        """The whole model on the meta device (no memory), or a real one if it cannot be."""
+        try:
+            with torch.device("meta"):
+                model = self.build()
+        except Exception as exc:  # data-dependent construction, .item(), file reads...
+            log.info("model cannot be built on the meta device (%s): seeded copy", str(exc).splitlines()[0][:120])
+            return self._real()
+        _check_module(model)
+        return model
+
+    def full(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The whole, initialised model (single process, DDP, references in tests)."""
+        return self.materialize(self.meta(), device)
+
+    def materialize(self, module: nn.Module, device: torch.device | str) -> nn.Module:
+        """Give ``module`` (a meta model, a stage cut from one, or a sharded one) real,
+        initialised storage on ``device``, in place; FQNs are those of the unsplit model."""
+        device = torch.device(device)
+        if not _has_meta(module):
+            return module.to(device)
+        if not seeded_by_module(module):
+            return self._copy_from_real(module, device)
+        for fqn, sub in module.named_modules():
+            values = _init_values(sub, fqn, self.seed)
+            for name, value in values.items():
+                _assign(sub, name, value.to(device))
+        return module
+
+    def _real(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        model = self.build()
+        _check_module(model)
+        return model
+
+    def _copy_from_real(self, module: nn.Module, device: torch.device) -> nn.Module:
+        log.info("model %s has modules without reset_parameters(): initialised by a seeded copy of the "
+                 "whole model on this rank (see README: meta-device init)", type(module).__name__)
+        source = dict(self._real().state_dict(keep_vars=True))
+        for fqn, sub in module.named_modules():
+            prefix = f"{fqn}." if fqn else ""
+            for name, tensor in _direct_state(sub):
+                _assign(sub, name, source[prefix + name].detach().to(device=device, dtype=tensor.dtype))
+        return module
+
+
+def seeded_by_module(model: nn.Module) -> bool:
+    """True when every module that owns parameters or buffers can re-initialise them."""
+    return all(callable(getattr(sub, "reset_parameters", None)) for _, sub in model.named_modules()
+               if _direct_state(sub))
+
+
+def module_seed(seed: int, fqn: str) -> int:
+    """The RNG seed of one module: the run's seed and the module's name, nothing else."""
+    return (seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63)
+
+
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model._target_ returned {type(model).__name__}, not an nn.Module")
+
+
+def _has_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for _, sub in module.named_modules() for _, t in _direct_state(sub))
+
+
+def _direct_state(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, t) for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
+
+
+def _init_values(module: nn.Module, fqn: str, seed: int) -> dict[str, torch.Tensor]:
+    """Full-size initial values of ``module``'s own parameters and buffers (CPU), computed on
+    a shallow copy whose tensors are real: the module itself stays untouched until assigned."""
+    state = _direct_state(module)
+    if not state:
+        return {}
+    shell = copy.copy(module)
+    shell._parameters = {n: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+                         for n, p in module._parameters.items()}
+    shell._buffers = {n: None if b is None else torch.empty(b.shape, dtype=b.dtype) for n, b in module._buffers.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(module_seed(seed, fqn))
+        with torch.no_grad():
+            shell.reset_parameters()
+    return {n: t.detach() for n, t in [*shell._parameters.items(), *shell._buffers.items()] if t is not None}
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter/buffer ``name`` by ``value``, sharded like the original if it is a DTensor."""
+    old = module._parameters.get(name, module._buffers.get(name))
+    if _is_dtensor(old):
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        full = distribute_tensor(value, old.device_mesh, old.placements, src_data_rank=None)
+        # The local shard is a view of the full tensor: copy it, or the whole layer stays alive.
+        value = DTensor.from_local(full.to_local().clone(), old.device_mesh, old.placements, run_check=False,
+                                   shape=full.shape, stride=full.stride())
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = value
+
+
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def scratch_copy(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """A real copy of a (meta) module with arbitrary finite values: for measuring how long
+    it takes (pipeline balance=time), never for training."""
+    copy_ = copy.deepcopy(module).to_empty(device=device)
+    with torch.no_grad():
+        for tensor in [*copy_.parameters(), *copy_.buffers()]:
+            if tensor.is_floating_point():
+                tensor.normal_(0.0, 0.02)
+            else:
+                tensor.zero_()
+    return copy_
+
+
+def factory_from_config(cfg) -> ModelFactory:
+    """The run's model (``cfg.model``, any ``_target_``) as a factory: built on the meta device,
+    materialized by part, with weights that depend on ``trainer.seed`` and each parameter's
+    name only (so every strategy, and every single-process reference, starts from identical
+    weights). Validation calls ``.meta()`` to count layers and shapes without allocating."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    return ModelFactory(build=lambda: instantiate(node), seed=int(cfg.trainer.seed))
