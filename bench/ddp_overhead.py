@@ -242,9 +242,9 @@ def _patch_null_observer(p: Patches) -> None:
 
 def _patch_no_comm_hook(p: Patches) -> None:
     """The observer without its DDP communication-timing hook (DDP's C++ all-reduce)."""
-    from disttrain.observe import comm
+    from disttrain.observe import comm_timing
 
-    p.set(comm, "attach", lambda model: None)
+    p.set(comm_timing, "attach", lambda model: None)
 
 
 def _patch_no_heartbeat(p: Patches) -> None:

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from disttrain.distributed import comm
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -109,8 +111,7 @@ class Checkpointer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
 
     def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
+        comm.get().barrier()
 
     def clean_partial(self) -> None:
         """Remove writes that were killed midway (rank 0, before anything else runs)."""
@@ -161,8 +162,7 @@ class Checkpointer:
             else:
                 reason = verify(Path(resume))
                 choice[0] = ("error", f"checkpoint.resume={resume}: {reason}") if reason else resume
-        if dist.is_initialized():
-            dist.broadcast_object_list(choice, src=0)
+        choice[0] = comm.get().broadcast_object(choice[0], src=0)
         if isinstance(choice[0], tuple):
             raise CheckpointError(choice[0][1])
         return Path(choice[0]) if choice[0] else None

@@ -14,6 +14,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from disttrain.distributed import comm
 from disttrain.distributed.env import LauncherEnvError, World
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def init(world: World, backend: str = "auto", timeout_s: float = 300.0) -> torch
         world_size=world.world_size, timeout=timeout, **kwargs,
     )
     os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    comm.install(device)  # the one owner of disttrain's own collectives (devices, host group)
     log.debug("process group up: rank %d/%d backend %s", world.rank, world.world_size, backend)
     return device
 
@@ -141,5 +143,6 @@ def teardown(clean: bool = True) -> None:
         return
     if clean:
         dist.barrier()
+    comm.uninstall()
     _RETIRED.extend(dist.distributed_c10d._world.pg_map.keys())
     dist.destroy_process_group()

@@ -9,11 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
-from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from disttrain.distributed import comm
 from disttrain.engine.loop import to_device
 
 
@@ -75,8 +74,7 @@ def evaluate(strategy, dataset: Dataset, loss_fn, batch_size: int, precision, de
             loss = loss_fn(outputs.float(), targets).double()
             total += torch.stack([loss * len(batch), torch.tensor(float(len(batch)), dtype=torch.float64,
                                                                   device=device)])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
+    comm.get().sum_(total)
     model.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else math.nan
 

@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from disttrain.config.schema import SweepConfig, TrainerConfig
+from disttrain.distributed import comm
 from disttrain.engine import evaluate
 from disttrain.observe.metrics import TensorBoard
 
@@ -71,9 +71,8 @@ class TrialMonitor:
     def _prune(self, step: int) -> bool:
         if not self.sweep.pruner or step == self.max_steps:
             return False
-        decision = [self.pruner.should_prune(self.history) if self.pruner is not None else False]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(decision, src=0)  # rank 0 decides for the whole job
+        mine = self.pruner.should_prune(self.history) if self.pruner is not None else False
+        decision = [comm.get().broadcast_object(mine, src=0)]  # rank 0 decides for the whole job
         if decision[0]:
             self.pruned_at = step
             log.warning("trial pruned at step %d (val_loss %.6g worse than the pruner allows)", step,

@@ -5,9 +5,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from disttrain.distributed import comm
 from disttrain.config.schema import section
 from disttrain.engine import builders
 from disttrain.distributed import process_group as dist_setup
@@ -30,9 +30,7 @@ log = logging.getLogger("disttrain")
 
 def _agree_on_run_dir(run_dir: Path) -> Path:
     """Rank 0's run directory wins (ranks of one job must share checkpoints and logs)."""
-    chosen = [str(run_dir)]
-    dist.broadcast_object_list(chosen, src=0)
-    return Path(chosen[0])
+    return Path(comm.get().broadcast_object(str(run_dir), src=0))
 
 
 def _restore(cfg: DictConfig, checkpointer: Checkpointer, engine, sampler) -> int:

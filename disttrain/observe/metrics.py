@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from disttrain.distributed import comm
 
 
 
@@ -46,8 +47,7 @@ class Meter:
         elapsed = time.perf_counter() - self.started
         packed = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), dtype=torch.float64, device=self.device),
                               torch.tensor(float(self.samples), dtype=torch.float64, device=self.device)])
-        if dist.is_initialized():
-            dist.all_reduce(packed)
+        comm.get().sum_(packed)
         loss_sum, loss_count, samples = packed.tolist()
         out = {"loss": loss_sum / max(loss_count, 1.0),
                "samples_per_s": samples / elapsed}  # wall clock of the interval, overheads included

@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from disttrain.config.errors import ConfigError
 from disttrain.config.schema import MetricsConfig, section
 from disttrain.distributed.env import World
-from disttrain.observe import comm, memory, peak, straggler, timeline
+from disttrain.distributed import comm
+from disttrain.observe import comm_timing, memory, peak, straggler, timeline
 from disttrain.observe.base import NullObserver
 from disttrain.observe.flops import flops_per_sample
 
@@ -59,7 +60,7 @@ class _Sums:
 
 class Observer(NullObserver):
     def __init__(self, settings: MetricsConfig, world: World, device: torch.device, tensorboard,
-                 comm_timer: comm.CommTimer | None, peak_flops: float | None,
+                 comm_timer: comm_timing.CommTimer | None, peak_flops: float | None,
                  count: Callable[[Any], float | None] | None):
         self.s, self.world, self.device, self.tensorboard = settings, world, device, tensorboard
         self.comm_timer, self.peak_flops, self.count = comm_timer, peak_flops, count
@@ -110,7 +111,7 @@ class Observer(NullObserver):
         s.flops += (self.per_sample or 0.0) * samples
 
     def _check_stragglers(self, step: int) -> None:
-        times = straggler.gather_times(self.window_busy / max(self.window_steps, 1), self.device)
+        times = straggler.gather_times(self.window_busy / max(self.window_steps, 1))
         self.window_busy, self.window_steps = 0.0, 0
         slow = self.stragglers = straggler.find_stragglers(times, self.s.straggler_ratio)
         if self.world.rank == 0:
@@ -133,12 +134,7 @@ class Observer(NullObserver):
                 s.flops / n, self.peak_flops or 0.0]
 
     def _gather(self, row: list[float]) -> list[dict[str, float]]:
-        mine = torch.tensor(row, dtype=torch.float64, device=self.device)
-        if not dist.is_initialized():
-            return [dict(zip(RANK_FIELDS, row))]
-        out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, mine)
-        return [dict(zip(RANK_FIELDS, t.tolist())) for t in out]
+        return [dict(zip(RANK_FIELDS, values)) for values in comm.get().gather(row)]
 
     def _write_ranks(self, step: int, table: list[dict[str, float]]) -> None:
         for rank, row in enumerate(table):
@@ -196,8 +192,7 @@ def _peak(settings: MetricsConfig, precision: str, world: World, device: torch.d
     dtype = _peak_dtype(settings, precision)
     if world.local_rank == 0:
         value = peak.cached_peak(run_dir, device, dtype)
-    if dist.is_initialized():
-        dist.barrier()
+    comm.get().barrier()
     if world.local_rank != 0:
         value = peak.read_cached(run_dir, device, dtype) or peak.cached_peak(run_dir, device, dtype)
     return value
@@ -207,7 +202,7 @@ def build_observer(settings: MetricsConfig, precision: str, world: World, device
                    strategy, tensorboard, build_model: Callable, loss_fn) -> Observer:
     """Attach the DDP timing hook, settle the peak FLOP/s, and arm the one-time FLOP count.
     ``settings`` is the run's ``metrics`` section, ``precision`` the normalized trainer.precision."""
-    timer = comm.attach(strategy.communicated_module())
+    timer = comm_timing.attach(strategy.communicated_module())
     peak_flops = _peak(settings, precision, world, device, run_dir)
     count = (lambda batch: flops_per_sample(build_model, batch, loss_fn)) if settings.count_flops else None
     log.info("observe: peak %.3g FLOP/s per rank (%s); communication timing %s", peak_flops,

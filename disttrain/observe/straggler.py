@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import statistics
 
-import torch
-import torch.distributed as dist
+
+from disttrain.distributed import comm
 
 log = logging.getLogger("disttrain")
 
@@ -19,14 +19,9 @@ def find_stragglers(times: list[float], ratio: float) -> list[int]:
     return [rank for rank, t in enumerate(times) if median > 0 and t > ratio * median]
 
 
-def gather_times(value: float, device: torch.device) -> list[float]:
+def gather_times(value: float) -> list[float]:
     """Every rank's value, in rank order (a collective)."""
-    if not dist.is_initialized():
-        return [value]
-    mine = torch.tensor([value], dtype=torch.float64, device=device)
-    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, mine)
-    return [t.item() for t in out]
+    return [row[0] for row in comm.get().gather([value])]
 
 
 def report(step: int, times: list[float], slow: list[int], tensorboard) -> None:

@@ -8,8 +8,9 @@ Data-parallel replicas hold identical averaged gradients, so they add nothing.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from disttrain.distributed import comm
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -30,8 +31,8 @@ def global_grad_norm(params: list[nn.Parameter], stage_group=None) -> torch.Tens
     if sharded:
         norm = torch.nn.utils.get_total_norm(sharded)
         squares = squares + (norm.full_tensor() if _is_dtensor(norm) else norm).float() ** 2
-    if stage_group is not None and dist.get_world_size(stage_group) > 1:
-        dist.all_reduce(squares, group=stage_group)
+    if stage_group is not None:
+        comm.get().sum_(squares, group=stage_group)
     return squares.sqrt()
 
 

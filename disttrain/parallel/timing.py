@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import time
 
-import torch
-import torch.distributed as dist
+
+from disttrain.distributed import comm
 
 
 def theory_bubble(ranks: int, micro_batches: int, chunks_per_rank: int = 1) -> float:
@@ -58,17 +58,10 @@ class StageClock:
 def stage_report(busy: float, wall: float, group, theory: float) -> dict[str, float]:
     """Every stage's busy/idle seconds and the measured bubble (mean idle fraction), gathered
     over the pipeline group so that rank 0 (which writes TensorBoard) sees all stages."""
-    size = dist.get_world_size(group) if dist.is_initialized() else 1
-    mine = torch.tensor([busy, max(wall - busy, 0.0)], dtype=torch.float64)
-    table = [torch.zeros_like(mine) for _ in range(size)]
-    if size > 1:
-        dist.all_gather(table, mine, group=group)
-    else:
-        table = [mine]
+    table = comm.get().gather([busy, max(wall - busy, 0.0)], group)
     out: dict[str, float] = {}
     fractions = []
-    for stage, row in enumerate(table):
-        b, idle = row.tolist()
+    for stage, (b, idle) in enumerate(table):
         out[f"pipeline/stage{stage}_busy_s"] = b
         out[f"pipeline/stage{stage}_idle_s"] = idle
         fractions.append(idle / max(b + idle, 1e-12))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-from omegaconf import DictConfig
-
 from disttrain.plan import model as pm
 from disttrain.plan.core import check, compose, describe, human, predictions
 

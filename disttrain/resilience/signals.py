@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from disttrain.distributed import comm
 
 log = logging.getLogger("disttrain")
 
@@ -40,12 +41,8 @@ class StopSignal:
     def __init__(self, signals: list[signal.Signals], device: torch.device):
         self.signals = list(dict.fromkeys(signals))
         self.device = device  # kept for callers; the flag itself always lives on the CPU
-        # The flag travels over gloo on the CPU: a CUDA flag (NCCL) would need a .item() that
-        # waits for the whole GPU stream every step. new_group is collective: every rank
-        # builds its StopSignal at the same point of the job.
-        self.group = None
-        if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")
+        # The flag travels over the communicator's gloo host group on the CPU: a CUDA flag
+        # (NCCL) would need a .item() that waits for the whole GPU stream.
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
         self._stopped = False
@@ -65,10 +62,7 @@ class StopSignal:
         """(stop, the largest ``local_figure`` over the ranks): True on every rank once any rank
         has received a signal. A collective: all ranks call it at the same step."""
         local = 0.0 if self.received is None else float(self.received.value)
-        flag = torch.tensor([local, float(local_figure)], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        received, figure = flag.tolist()
+        received, figure = comm.get().host_max([local, float(local_figure)])
         if received and not self._stopped:
             self._stopped = True
             self.received = self.received or signal.Signals(int(received))

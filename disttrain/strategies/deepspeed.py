@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from disttrain.strategies import precision
 from disttrain.strategies import deepspeed_config
 from disttrain.strategies.base import Batch, LossFn, SelfStepping, SetupContext, StepStats
+from disttrain.strategies.deepspeed_init import build_partitioned
 
 log = logging.getLogger("disttrain")
 INSTALL_HINT = "strategy=deepspeed needs DeepSpeed, which is not installed: pip install -e '.[deepspeed]'"
@@ -79,9 +80,12 @@ class DeepSpeed(SelfStepping):
                                 FutureWarning)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         self.world = ctx.world
-        module = ctx.apply_memory(ctx.model.full(ctx.device))
         config = deepspeed_config.build(ctx.cfg, ctx.world.world_size, self.zero_stage, self.offload_optimizer,
                                         self.extra, pin_memory=ctx.device.type == "cuda")
+        if self.zero_stage == 3:  # partitioned while it is built: never whole on a rank
+            module = ctx.apply_memory(build_partitioned(ctx.model, deepspeed, config, ctx.world.rank))
+        else:  # stages 0-2 keep a full parameter copy per rank anyway
+            module = ctx.apply_memory(ctx.model.full(ctx.device))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=ctx.build_optimizer(module.parameters()), lr_scheduler=ctx.build_scheduler,
             config=config)

@@ -15,10 +15,11 @@ import time
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from disttrain.distributed import comm
 from disttrain.parallel import mesh as mesh_mod, split
 from disttrain.parallel.materialize import factory_from_config, scratch_copy
 from disttrain.parallel.timing import StageClock, stage_report, theory_bubble
@@ -102,12 +103,7 @@ class Pipeline(Strategy):
 
     def _agree(self, weights: list[float]) -> list[float]:
         """Average measured layer times over all ranks: every rank must choose the same split."""
-        import torch.distributed as dist
-
-        t = torch.tensor(weights, dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(t)
-        return t.cpu().tolist()
+        return comm.get().sum(weights)
 
     # ---------------------------------------------------------------- training
     def _micro_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ def _observe_steps(rank, world_size, slow_rank):
     from disttrain.distributed import env
     from disttrain.observe.metrics import TensorBoard
     from disttrain.models import build_mlp
-    from disttrain.observe import comm
+    from disttrain.observe import comm_timing
     from disttrain.config.schema import MetricsConfig
     from disttrain.observe.observer import Observer
     from disttrain.strategies.base import StepStats
@@ -74,7 +74,7 @@ def _observe_steps(rank, world_size, slow_rank):
     model = DistributedDataParallel(build_mlp(hidden=256))
     settings = MetricsConfig(straggler_every=10, straggler_ratio=2.0)
     observer = Observer(settings, world, torch.device("cpu"), TensorBoard(None, enabled=False),
-                        comm.attach(model), 1e10, None)
+                        comm_timing.attach(model), 1e10, None)
     named = []
     x, y = torch.randn(64, 32), torch.randn(64, 1)
     for step in range(1, 21):
