@@ -64,6 +64,14 @@ def _mpi_bootstrap(world: World) -> World:
     return dataclasses.replace(world, master_addr=addr, master_port=port)
 
 
+#: One TCP store per (address, port, rank) for the life of the process. A Hydra multirun runs
+#: job after job in one process on the same master port (Slurm derives it from the job id):
+#: re-creating the store per job raced, as rank 1 of the next job could connect to rank 0's old
+#: store just before rank 0 freed it (a hang), or rank 0 could not bind while the old one lived
+#: (EADDRINUSE). Reused, like torchrun's agent store, with a fresh key prefix per init.
+_STORES: dict[tuple, dist.Store] = {}
+
+
 def _store(world: World, timeout: datetime.timedelta) -> dist.Store:
     if world.launcher == "single":
         return dist.HashStore()
@@ -72,10 +80,14 @@ def _store(world: World, timeout: datetime.timedelta) -> dist.Store:
             raise LauncherEnvError(f"{world.launcher} launch without MASTER_ADDR/MASTER_PORT.")
         world = _mpi_bootstrap(world)
     is_master = world.rank == 0 and not world.agent_store
-    return dist.TCPStore(
-        world.master_addr, world.master_port, world.world_size, is_master,
-        timeout=timeout, wait_for_workers=False,
-    )
+    key = (world.master_addr, world.master_port, world.rank, world.world_size, is_master)
+    if key not in _STORES:
+        _STORES[key] = dist.TCPStore(
+            world.master_addr, world.master_port, world.world_size, is_master,
+            timeout=timeout, wait_for_workers=False,
+        )
+    _STORES[key].set_timeout(timeout)
+    return _STORES[key]
 
 
 def init(world: World, backend: str = "auto", timeout_s: float = 300.0) -> torch.device:
@@ -88,7 +100,7 @@ def init(world: World, backend: str = "auto", timeout_s: float = 300.0) -> torch
     backend = resolve_backend(backend)
     timeout = datetime.timedelta(seconds=timeout_s)
     # A previous job in this process (Hydra multirun) retired its groups at teardown; free them
-    # now, long after their threads went idle: their store still holds the master port.
+    # now, long after their threads went idle (the TCP store itself is kept: see _STORES).
     _release_retired()
     store = _store(world, timeout)
     prefix = f"disttrain/attempt{world.restart_count}/init{next(_INIT_COUNTER)}"
@@ -135,8 +147,8 @@ def teardown(clean: bool = True) -> None:
     So: (1) the barrier waits with the GIL released, after every rank's last collective,
     giving the worker threads the GIL to drop their finished work; (2) the destroyed groups
     stay referenced here, so no later dealloc on the training path (Reducer, strategy) runs
-    the destructor; it runs at the next ``init`` in this process (a multirun's next job needs
-    the master port the old store holds) or in an atexit hook, long after the threads went idle.
+    the destructor; it runs at the next ``init`` in this process (a multirun's next job) or in
+    an atexit hook, long after the threads went idle.
     After a failure the barrier is skipped (a dead peer would hold it for the whole timeout).
     """
     if not dist.is_initialized():

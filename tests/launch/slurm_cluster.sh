@@ -102,6 +102,15 @@ start() {
 
 stop() {
     local dir=$1 pid
+    # Cancel what still runs first: slurmstepd (one per job step) outlives its slurmd, and a
+    # step left behind keeps its processes alive after the test.
+    if [ -f "$dir/slurm.conf" ] && [ -f "$dir/slurmctld.pid" ]; then
+        SLURM_CONF=$dir/slurm.conf scancel --full --quiet "--user=$(id -un)" 2>/dev/null || true
+        for _ in $(seq 1 40); do
+            [ -z "$(SLURM_CONF=$dir/slurm.conf squeue -h -o %i 2>/dev/null)" ] && break
+            sleep 0.25
+        done
+    fi
     for name in slurmd slurmctld; do
         if [ -f "$dir/$name.pid" ]; then
             pid=$(cat "$dir/$name.pid")
@@ -109,6 +118,10 @@ stop() {
             for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
             kill -9 "$pid" 2>/dev/null || true
         fi
+    done
+    # Steps orphaned anyway (their slurmd is gone now): reparented to init, nobody else's.
+    for pid in $(pgrep -f '^slurmstepd: \[' || true); do
+        [ "$(ps -o ppid= -p "$pid" | tr -d ' ')" = "1" ] && kill -9 "$pid" 2>/dev/null || true
     done
 }
 
