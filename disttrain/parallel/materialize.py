@@ -85,6 +85,33 @@ class ModelFactory:
         return module
 
 
+def init_sharded_in_place(factory: ModelFactory, module: nn.Module, device: torch.device) -> nn.Module:
+    """Materialize a module sharded by FSDP2 while on meta. FSDP2 keeps references to its
+    sharded parameters, so they must keep their identity: give them storage with
+    ``to_empty`` and copy each module's seeded full-size values into the local shards."""
+    source = None if seeded_by_module(module) else factory._real().state_dict()
+    module.to_empty(device=device)
+    for fqn, sub in module.named_modules():
+        if source is None:
+            values = _init_values(sub, fqn, factory.seed)
+        else:
+            prefix = f"{fqn}." if fqn else ""
+            values = {name: source[prefix + name] for name, _ in _direct_state(sub)}
+        for name, value in values.items():
+            target = getattr(sub, name)
+            with torch.no_grad():
+                if _is_dtensor(target):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    # Every rank computed the same full value: no communication needed.
+                    value = distribute_tensor(value.to(device), target.device_mesh, target.placements,
+                                              src_data_rank=None)
+                    target.to_local().copy_(value.to_local())
+                else:
+                    target.copy_(value.to(device))
+    return module
+
+
 def seeded_by_module(model: nn.Module) -> bool:
     """True when every module that owns parameters or buffers can re-initialise them."""
     return all(callable(getattr(sub, "reset_parameters", None)) for _, sub in model.named_modules()
@@ -115,7 +142,9 @@ def _init_values(module: nn.Module, fqn: str, seed: int) -> dict[str, torch.Tens
     state = _direct_state(module)
     if not state:
         return {}
-    shell = copy.copy(module)
+    # A shallow copy without calling the class's __new__ (FSDP2's module classes re-run __init__ there).
+    shell = object.__new__(type(module))
+    object.__setattr__(shell, "__dict__", dict(module.__dict__))
     shell._parameters = {n: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
                          for n, p in module._parameters.items()}
     shell._buffers = {n: None if b is None else torch.empty(b.shape, dtype=b.dtype) for n, b in module._buffers.items()}

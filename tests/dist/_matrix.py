@@ -25,6 +25,7 @@ FEATURES = {
 #: strategy -> (overrides, how the global batch is shared: "split" over dp ranks or "whole")
 STRATEGIES = {
     "ddp": (["strategy=ddp"], "split"),
+    "fsdp": (["strategy=fsdp"], "split"),
     "pipeline": (["strategy=pipeline", "strategy.micro_batches=2", "strategy.schedule=1f1b"], "whole"),
     "layer": (["strategy=model_parallel", "strategy.mode=layer"], "whole"),
     "tensor": (["strategy=model_parallel", "strategy.mode=tensor"], "whole"),
@@ -66,6 +67,11 @@ def my_share(step_micro, share: str, rank: int, ranks: int):
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def full_or_local(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank stores of a parameter (a DTensor's local shard)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def weights(strategy) -> dict[str, torch.Tensor]:

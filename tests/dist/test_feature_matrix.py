@@ -48,6 +48,7 @@ def _run_matrix(rank, world_size, tmp):
                    "diff_fp32": mx.max_diff(got, {k: fp32_w[k] for k in got}),
                    "extra": extras[-1], "ref_extra": ref_extras[-1]}
             if feature == "fp32":
+                row["local"] = sum(mx.full_or_local(p).numel() for p in strategy.model.parameters())
                 row["val"], row["ref_val"] = mx.validation(strategy, cfg, device), mx.validation(ref, ref_cfg, device)
             if feature in ("fp32", "fp16"):  # fp16: the loss scaler's state rides along
                 resumed = mx.resumed_weights(cfg, mine, Path(tmp) / f"resume-{name}-{feature}", world, device)
@@ -101,6 +102,15 @@ def test_clip_norm_and_loss_scale_are_the_unsplit_models(matrix, strategy):
     assert clip["extra"]["grad_norm"] > 0.05  # the norm exceeded the bound: clipping did act
     fp16 = matrix[0][strategy, "fp16"]
     assert fp16["extra"]["loss_scale"] == fp16["ref_extra"]["loss_scale"] == 2.0**16
+
+
+def test_fsdp_rank_stores_only_its_shard(matrix):
+    """FSDP2 keeps 1/world of each parameter per rank (the MLP's 3,201 parameters; dim 0
+    sharded, so a rank holds at most one row more than half), DDP the whole model."""
+    total = sum(w.numel() for w in matrix[0]["single", "fp32"]["weights"].values())
+    local = [matrix[rank]["fsdp", "fp32"]["local"] for rank in range(2)]
+    assert sum(local) == total and max(local) < 0.55 * total, (local, total)
+    assert matrix[0]["ddp", "fp32"]["local"] == total
 
 
 @pytest.mark.parametrize("strategy", list(mx.STRATEGIES))
