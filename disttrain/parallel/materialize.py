@@ -88,7 +88,10 @@ class ModelFactory:
 def init_sharded_in_place(factory: ModelFactory, module: nn.Module, device: torch.device) -> nn.Module:
     """Materialize a module sharded by FSDP2 while on meta. FSDP2 keeps references to its
     sharded parameters, so they must keep their identity: give them storage with
-    ``to_empty`` and copy each module's seeded full-size values into the local shards."""
+    ``to_empty`` and copy each module's seeded full-size values into the local shards.
+    A model that could not be built on meta was sharded with its real values: kept as is."""
+    if not _has_meta(module):
+        return module
     source = None if seeded_by_module(module) else factory._real().state_dict()
     module.to_empty(device=device)
     for fqn, sub in module.named_modules():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 
-from torch import nn
 
 from disttrain.memory.checkpointing import find_blocks
 from disttrain.parallel.materialize import init_sharded_in_place
@@ -58,7 +57,8 @@ class FSDP(Strategy):
 
     @contextlib.contextmanager
     def _no_sync(self):
-        """FSDP2's no_sync: gradients accumulate unsharded-reduced until the last micro-step."""
+        """FSDP2's no_sync: each rank accumulates its full, unreduced gradients; the last
+        micro-step reduce-scatters once."""
         self.model.set_requires_gradient_sync(False)
         try:
             yield
@@ -69,11 +69,4 @@ class FSDP(Strategy):
         loss = accumulate(self.model, micro_batches, loss_fn, no_sync=self._no_sync,
                           autocast=precision.autocast, scale=precision.scale)
         return StepStats(loss=loss, samples=samples_of(micro_batches))
-
-
-def shard_sizes(model: nn.Module) -> int:
-    """Elements this rank stores (the local shards): what the memory test measures."""
-    from torch.distributed.tensor import DTensor
-
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
 
