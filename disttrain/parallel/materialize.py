@@ -68,6 +68,30 @@ class ModelFactory:
                 _assign(sub, name, value.to(device))
         return module
 
+    def materialize_in_place(self, module: nn.Module, device: torch.device | str) -> nn.Module:
+        """``materialize`` for a module sharded by FSDP2 on meta. FSDP2 keeps references to
+        its sharded parameters, so they keep their identity: storage from ``to_empty``, then
+        each module's full-size values (the same as ``materialize`` gives) are copied into
+        the local shards. A model that could not be built on meta was sharded with its real
+        values: kept as is."""
+        if not _has_meta(module):
+            return module
+        source = None if seeded_by_module(module) else dict(self._real().state_dict())
+        module.to_empty(device=torch.device(device))
+        for fqn, sub in module.named_modules():
+            for name, value in _module_values(sub, fqn, self.seed, source).items():
+                target = getattr(sub, name)
+                with torch.no_grad():
+                    if _is_dtensor(target):
+                        from torch.distributed.tensor import distribute_tensor
+
+                        # Every rank computed the same full value: no communication needed.
+                        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements,
+                                                  src_data_rank=None).to_local()
+                        target = target.to_local()
+                    target.copy_(value)
+        return module
+
     def _real(self) -> nn.Module:
         torch.manual_seed(self.seed)
         model = self.build()
@@ -79,40 +103,19 @@ class ModelFactory:
                  "whole model on this rank (see README: meta-device init)", type(module).__name__)
         source = dict(self._real().state_dict(keep_vars=True))
         for fqn, sub in module.named_modules():
-            prefix = f"{fqn}." if fqn else ""
-            for name, tensor in _direct_state(sub):
-                _assign(sub, name, source[prefix + name].detach().to(device=device, dtype=tensor.dtype))
+            dtypes = dict(_direct_state(sub))
+            for name, value in _module_values(sub, fqn, self.seed, source).items():
+                _assign(sub, name, value.detach().to(device=device, dtype=dtypes[name].dtype))
         return module
 
 
-def init_sharded_in_place(factory: ModelFactory, module: nn.Module, device: torch.device) -> nn.Module:
-    """Materialize a module sharded by FSDP2 while on meta. FSDP2 keeps references to its
-    sharded parameters, so they must keep their identity: give them storage with
-    ``to_empty`` and copy each module's seeded full-size values into the local shards.
-    A model that could not be built on meta was sharded with its real values: kept as is."""
-    if not _has_meta(module):
-        return module
-    source = None if seeded_by_module(module) else factory._real().state_dict()
-    module.to_empty(device=device)
-    for fqn, sub in module.named_modules():
-        if source is None:
-            values = _init_values(sub, fqn, factory.seed)
-        else:
-            prefix = f"{fqn}." if fqn else ""
-            values = {name: source[prefix + name] for name, _ in _direct_state(sub)}
-        for name, value in values.items():
-            target = getattr(sub, name)
-            with torch.no_grad():
-                if _is_dtensor(target):
-                    from torch.distributed.tensor import distribute_tensor
-
-                    # Every rank computed the same full value: no communication needed.
-                    value = distribute_tensor(value.to(device), target.device_mesh, target.placements,
-                                              src_data_rank=None)
-                    target.to_local().copy_(value.to_local())
-                else:
-                    target.copy_(value.to(device))
-    return module
+def _module_values(module: nn.Module, fqn: str, seed: int, source: dict | None) -> dict[str, torch.Tensor]:
+    """Full-size initial values of ``module``'s own tensors: seeded per module, or taken by
+    name from ``source`` (the state dict of one real, seeded build) when it is given."""
+    if source is None:
+        return _init_values(module, fqn, seed)
+    prefix = f"{fqn}." if fqn else ""
+    return {name: source[prefix + name] for name, _ in _direct_state(module)}
 
 
 def seeded_by_module(model: nn.Module) -> bool:

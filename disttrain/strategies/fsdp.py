@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-
 from disttrain.memory.checkpointing import find_blocks
-from disttrain.parallel.materialize import init_sharded_in_place
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate, samples_of
 from disttrain.strategies.capabilities import Capabilities
 
@@ -27,15 +25,16 @@ class FSDP(Strategy):
         why={"activation_offload": "its saved-tensor hooks crash FSDP2's backward (a segfault on torch 2.13, gloo); "
                                    "use memory.activation_checkpointing instead"})
 
-    def __init__(self, reshard_after_forward: bool | int = True):
+    def __init__(self, reshard_after_forward: bool = True):
         self.reshard_after_forward = reshard_after_forward
 
     @classmethod
     def validate(cls, cfg, world_size: int) -> None:
         value = cfg.strategy.get("reshard_after_forward", True)
-        if not isinstance(value, (bool, int)) or (not isinstance(value, bool) and value < 1):
-            raise ValueError(f"strategy.reshard_after_forward={value!r} must be true, false or an integer >= 1 "
-                             "(the size of the group parameters are resharded to after forward)")
+        # FSDP2 also takes an int (reshard to a smaller group); not offered until a test runs it.
+        if not isinstance(value, bool):
+            raise ValueError(f"strategy.reshard_after_forward={value!r} must be true or false "
+                             "(free the gathered parameters after forward, or keep them for backward)")
 
     def setup(self, ctx: SetupContext) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -53,7 +52,7 @@ class FSDP(Strategy):
         for block in blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
         fully_shard(module, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        self.model = init_sharded_in_place(ctx.model, module, ctx.device)
+        self.model = ctx.model.materialize_in_place(module, ctx.device)
 
     @contextlib.contextmanager
     def _no_sync(self):

@@ -49,12 +49,24 @@ def _shards_vs_unsplit(rank, world_size, custom):
 
 
 def test_shards_hold_the_unsplit_initial_values():
+    from disttrain.parallel.materialize import seeded_by_module
+
     for custom in (False, True):
+        assert seeded_by_module(build(custom)) is not custom  # both init paths are exercised
         out = spawn(_shards_vs_unsplit, 2, custom, timeout=120)
         for rank in range(2):
             assert out[rank]["diff"] == 0.0, (custom, rank, out[rank]["diff"])
         total = out[0]["total"]
         assert {n: out[0]["local"][n] + out[1]["local"][n] for n in total} == total  # disjoint shards
         assert out[0]["local"]["0.weight"] == total["0.weight"] // 2
-        if custom:
-            assert "3.weight" in total
+
+
+def test_reshard_after_forward_must_be_a_bool():
+    import pytest
+    from omegaconf import OmegaConf
+
+    from disttrain.strategies.fsdp import FSDP
+
+    FSDP.validate(OmegaConf.create({"strategy": {"reshard_after_forward": False}}), 2)
+    with pytest.raises(ValueError, match=r"strategy.reshard_after_forward=2 must be true or false"):
+        FSDP.validate(OmegaConf.create({"strategy": {"reshard_after_forward": 2}}), 2)
