@@ -131,7 +131,7 @@ class Checkpointer:
         if native is not None:  # an engine's own format (DeepSpeed's)
             native.save_checkpoint(tmp)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp), process_group=comm.get().group)  # the job's ranks
         torch.save(extra, tmp / f"extra_rank{self.rank}.pt")
         if self.write_delay_s:  # debug (fault.debug.save_delay_s): a window to kill a write midway
             time.sleep(self.write_delay_s)
@@ -173,7 +173,7 @@ class Checkpointer:
         if native is not None:
             native.load_checkpoint(directory)
         else:
-            dcp.load(state, checkpoint_id=str(directory))
+            dcp.load(state, checkpoint_id=str(directory), process_group=comm.get().group)
         extra_path = directory / f"extra_rank{self.rank}.pt"
         if not extra_path.is_file():
             raise CheckpointError(f"{directory} has no state for rank {self.rank}: was it written "

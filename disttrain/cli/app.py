@@ -28,10 +28,13 @@ def train_job(cfg: DictConfig) -> dict:
     if world.launcher == "single" and cfg.dist.nproc_per_node > 1:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        from disttrain.config.validate import import_target
         from disttrain.distributed.local import launch_local
         from disttrain.engine.run import run_rank
 
-        return launch_local(cfg, run_dir, run_rank)
+        strategy_cls = import_target(cfg.strategy._target_, "strategy")
+        expendable = strategy_cls.expendable_ranks(cfg, int(cfg.dist.nproc_per_node))
+        return launch_local(cfg, run_dir, run_rank, expendable)
     from disttrain.engine.run import run_rank
 
     return run_rank(cfg, run_dir)

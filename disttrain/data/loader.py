@@ -84,3 +84,10 @@ class DelayedDataset(Dataset):
 def with_debug_delay(dataset: Dataset, cfg: DictConfig) -> Dataset:
     delay = float(_get(cfg, "debug_delay_s", 0.0) or 0.0)
     return DelayedDataset(dataset, delay) if delay > 0 else dataset
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor or a tuple/list of them) on ``device``, copied asynchronously."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(item, device) for item in batch)

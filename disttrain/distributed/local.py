@@ -19,10 +19,16 @@ def _worker(entry: Callable[[DictConfig, Path], dict], container: dict[str, Any]
     return entry(OmegaConf.create(container), Path(run_dir))
 
 
-def launch_local(cfg: DictConfig, run_dir: Path, entry: Callable[[DictConfig, Path], dict]) -> dict[str, Any]:
+def launch_local(cfg: DictConfig, run_dir: Path, entry: Callable[[DictConfig, Path], dict],
+                 expendable: frozenset[int] = frozenset()) -> dict[str, Any]:
     """Run ``entry(cfg, run_dir)`` (a module-level function: the engine's ``run_rank``) on
     ``dist.nproc_per_node`` local processes; return rank 0's summary. The launcher is given
-    the entry instead of importing the engine, so this layer stays below it."""
+    the entry instead of importing the engine, so this layer stays below it. ``expendable``:
+    ranks whose death the job survives (disttrain.distributed.supervise runs those jobs)."""
+    if expendable:
+        from disttrain.distributed.supervise import launch_tolerant
+
+        return launch_tolerant(cfg, run_dir, entry, expendable)
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     nproc = int(cfg.dist.nproc_per_node)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
 from disttrain.distributed import comm
-from disttrain.engine.loop import to_device
+from disttrain.data.loader import to_device
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Callable, Iterator
 
 import torch
 
 from disttrain.data import timing
+from disttrain.data.loader import to_device
 from disttrain.observe.metrics import Meter, TensorBoard
 from disttrain.observe.base import NullObserver
 from disttrain.observe.progress import Progress
@@ -46,16 +48,11 @@ class LoopParts:
     observer: Any = dataclasses.field(default_factory=NullObserver)
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    return type(batch)(to_device(item, device) for item in batch)
-
-
 def train(settings: LoopSettings, parts: LoopParts, start_step: int) -> int:
     """Run optimizer steps from ``start_step`` to ``max_steps``; return the last step."""
     step = start_step
     saved_at = start_step
+    started = time.perf_counter()
     while step < settings.max_steps:
         parts.observer.before_step()
         with timing.waited() as data_wait:  # time the loop stood waiting for input
@@ -71,6 +68,7 @@ def train(settings: LoopSettings, parts: LoopParts, start_step: int) -> int:
         if logged:
             fields = parts.meter.flush()
             fields.update(parts.observer.flush(step))
+            fields["elapsed_s"] = time.perf_counter() - started  # wall time since the loop began (loss vs time)
             timing.add_share_and_warn(step, fields)
             lr = parts.engine.lr()
             if lr is not None:

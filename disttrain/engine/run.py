@@ -62,19 +62,36 @@ def run_rank(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if world.rank == 0:
             (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / ".hydra" / "resolved.yaml", resolve=True)
-        summary = _train_rank(cfg, world, device, run_dir)
+        summary, clean = _train_rank(cfg, world, device, run_dir)
     except BaseException:
         dist_setup.teardown(clean=False)
         raise
-    dist_setup.teardown()
+    dist_setup.teardown(clean=clean)
     return summary
 
 
-def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> dict[str, Any]:
+def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> tuple[dict[str, Any], bool]:
+    """(summary, whether every peer is still there for the teardown barrier)."""
     seed_everything(cfg.trainer.seed + world.rank)
     strategy, engine = build_engine(cfg, world, device, run_dir)
     dataset, val_set = split_from_config(cfg, builders.build_dataset(cfg))  # data.val_fraction held out
     loader, sampler = builders.build_loader(cfg, dataset, strategy.data_shard())
+    if strategy.runs_free():  # a parameter-server worker: outside the loop and its collectives
+        guard = Guard(section(cfg, "fault"), cfg.dist.timeout_s, world, run_dir, device)
+        try:
+            summary = strategy.work(loader, sampler, builders.build_loss(cfg), device,
+                                    cfg.trainer.grad_accum_steps, guard.tick_alone)
+        finally:
+            guard.finish()
+            engine.close()
+        return {**summary, "run_dir": str(run_dir)}, strategy.clean_exit()
+    with comm.narrowed(strategy.loop_group()):  # the ranks that run the loop (param_server: servers)
+        summary = _loop_rank(cfg, world, device, run_dir, strategy, engine, loader, sampler, val_set)
+    return summary, strategy.clean_exit()
+
+
+def _loop_rank(cfg: DictConfig, world: env.World, device, run_dir: Path, strategy, engine, loader, sampler,
+               val_set) -> dict[str, Any]:
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
     checkpointer.clean_partial()
     start = _restore(cfg, checkpointer, engine, sampler)

@@ -69,6 +69,9 @@ class Engine:
     def native_checkpoint(self):
         return None
 
+    def peer_stop(self) -> bool:
+        return self.strategy.peer_stop()
+
     def close(self) -> None:
         self.strategy.close()
 
@@ -105,6 +108,9 @@ class SelfSteppingEngine:
 
     def native_checkpoint(self):
         return self.strategy.native_checkpoint()
+
+    def peer_stop(self) -> bool:
+        return self.strategy.peer_stop()
 
     def close(self) -> None:
         self.strategy.close()

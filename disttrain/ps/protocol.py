@@ -2,7 +2,8 @@
 
 Every message starts with a fixed-size float64 header (so a server can post one receive
 per worker without knowing what comes next); a push is followed by one flat gradient
-buffer, a parameter reply is a version scalar plus one flat parameter buffer. Distinct
+buffer, a parameter reply is a small int64 ``Reply`` (version, go/stop, the worker's applied
+pushes) plus one flat parameter buffer. Distinct
 tags keep the streams apart on one pair of ranks. float64 holds the integer fields
 exactly (up to 2**53) and the loss without an extra message.
 """
@@ -15,7 +16,9 @@ import torch
 
 PULL, PUSH, BYE = 1, 2, 3
 TAG_HEADER, TAG_GRAD, TAG_VERSION, TAG_PARAMS = 101, 102, 103, 104
-HEADER_LEN = 5
+HEADER_LEN = 7
+GO, STOP, STOP_PEERS_LOST = 0, 1, 2  # Reply.status
+REPLY_LEN = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,15 +30,36 @@ class Header:
     pulled_version: int = -1  # server version the gradient was computed on
     loss: float = 0.0         # the worker's loss for this gradient (logged by the server)
     grad_norm: float = 0.0    # global 2-norm of the whole gradient (servers clip by it)
+    samples: int = 0          # samples behind this gradient (the servers' throughput)
+    stop: int = 0             # 1: this worker's process got a stop signal (the job should stop)
 
     def pack(self) -> torch.Tensor:
-        return torch.tensor([self.kind, self.clock, self.pulled_version, self.loss, self.grad_norm],
-                            dtype=torch.float64)
+        return torch.tensor([self.kind, self.clock, self.pulled_version, self.loss, self.grad_norm,
+                             self.samples, self.stop], dtype=torch.float64)
 
     @classmethod
     def unpack(cls, buf: torch.Tensor) -> "Header":
-        kind, clock, version, loss, norm = buf.tolist()
-        return cls(int(kind), int(clock), int(version), float(loss), float(norm))
+        kind, clock, version, loss, norm, samples, stop = buf.tolist()
+        return cls(int(kind), int(clock), int(version), float(loss), float(norm), int(samples), int(stop))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """What comes with the parameters: their version, whether to go on, and how many of this
+    worker's pushes the server has applied over the whole run (after a resume: where the
+    worker's data stream continues)."""
+
+    version: int
+    status: int = GO
+    applied: int = 0
+
+    def pack(self) -> torch.Tensor:
+        return torch.tensor([self.version, self.status, self.applied], dtype=torch.int64)
+
+    @classmethod
+    def unpack(cls, buf: torch.Tensor) -> "Reply":
+        version, status, applied = buf.tolist()
+        return cls(int(version), int(status), int(applied))
 
 
 def plan_shards(sizes: Sequence[int], num_servers: int) -> list[list[int]]:

@@ -1,5 +1,6 @@
 """A parameter server for one shard: receives pushes and pull requests from every
-worker, applies the optimizer, answers pulls when the staleness gate allows.
+worker, applies the optimizer, answers pulls when the staleness gate allows, and counts the
+run's progress (a loop step of a server = one step's worth of applied gradients).
 
 Receiving runs on one thread per worker (a blocking receive from that worker, so a
 dead worker shows up as an error on exactly its thread); all state changes happen on
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from disttrain.ps import protocol
 from disttrain.ps.gate import StalenessGate
-from disttrain.ps.hold import StragglerHold, SyncPoints
+from disttrain.ps.hold import StragglerHold
 from disttrain.ps.stats import ServerStats
 
 log = logging.getLogger("disttrain")
@@ -33,11 +34,19 @@ class ServerSettings:
     num_servers: int
     num_workers: int
     grad_clip: float | None = None  # clip each applied gradient to this global norm
-    servers_group: Any = None       # s=0 with several servers: the round's norm is summed over it
+    servers_group: Any = None       # s=0 clipping / checkpoint cuts with several servers
     #: debug (tests): workers whose pushes are held back until no other worker can make
-    #: progress (disttrain.ps.hold), and the loop's sync points that decide it.
+    #: progress (disttrain.ps.hold).
     hold_workers: frozenset = frozenset()
-    sync_points: SyncPoints | None = None
+
+
+@dataclasses.dataclass
+class StepSummary:
+    """What the gradients applied during one loop step of a server amount to."""
+
+    loss_sum: float = 0.0
+    gradients: int = 0
+    samples: int = 0
 
 
 class ShardServer:
@@ -51,12 +60,17 @@ class ShardServer:
         self.dtype = self.params[0].dtype if self.params else torch.float32
         self.gate = StalenessGate(settings.max_staleness)
         self.live = set(range(settings.num_workers))
-        self.session_pushes = [0] * settings.num_workers
+        self.lost: set[int] = set()
         self.pulls: collections.deque[int] = collections.deque()
-        self.round: dict[int, tuple[torch.Tensor, int]] = {}
+        self.round: dict[int, tuple[torch.Tensor, int, protocol.Header]] = {}
         self.sends: list[tuple[list[Any], list[torch.Tensor], int]] = []
         self.events: queue.Queue = queue.Queue()
-        self.hold = StragglerHold(settings.hold_workers, settings.sync_points)
+        self.hold = StragglerHold(settings.hold_workers)
+        self.step = StepSummary()
+        self.stopping = False          # the run is over: pulls are answered "stop"
+        self.stop_asked = False        # a worker's process received a stop signal
+        self.cut: list[int] | None = None  # a checkpoint cut in force (align)
+        self.deferred: list[tuple[int, protocol.Header, torch.Tensor]] = []
         self.threads = [threading.Thread(target=self._receive, args=(w,), daemon=True,
                                          name=f"ps-recv-w{w}") for w in range(settings.num_workers)]
         for thread in self.threads:
@@ -64,6 +78,9 @@ class ShardServer:
 
     def rank_of(self, worker: int) -> int:
         return self.settings.num_servers + worker
+
+    def applied(self, worker: int) -> int:
+        return int(self.stats.totals["applied"][worker])
 
     # ---- receiving (one thread per worker) -------------------------------------------
     def _receive(self, worker: int) -> None:
@@ -84,15 +101,54 @@ class ShardServer:
             self.events.put((worker, None, exc))
 
     # ---- serving (caller's thread) ---------------------------------------------------
-    def serve_step(self, target_pushes: int) -> None:
-        """Serve until every live worker has pushed ``target_pushes`` gradients in this
-        session: the loop's step on a server ends when the slowest worker's step does."""
-        while self.live and min(self.session_pushes[w] for w in self.live) < target_pushes:
+    def serve_step(self, step: int) -> StepSummary:
+        """Serve until the run's ``step``-th step is applied: with s=0 its round, otherwise
+        ``step * num_workers`` gradients in all (a step is the same amount of data as a DDP
+        step, whichever workers sent them, and stays so when a worker dies). Every server
+        counts the same pushes (each worker sends each push to all of them), so they all end
+        a step at the same push: a server waiting for the others at the loop's collectives
+        never holds back a push they still need. Returns what this step applied."""
+        self._release_cut()
+        self.step = StepSummary()
+        while self.live and not self._reached(step):
+            self._next_event()
+        return self.step
+
+    def _reached(self, step: int) -> bool:
+        if self.gate.synchronous:
+            return self.stats.version >= step
+        return int(self.stats.totals["applied"].sum()) >= step * self.settings.num_workers
+
+    def align(self) -> None:
+        """Before a checkpoint with several asynchronous servers: every server applies exactly
+        the same pushes of every worker (the most any server has applied), so the saved shards
+        form one model and each worker's data position is one number. Pushes past the cut wait
+        until the next step. With s=0 the rounds already line the servers up."""
+        group = self.settings.servers_group
+        if group is None or self.gate.synchronous:
+            return
+        applied = self.stats.totals["applied"].clone()
+        dist.all_reduce(applied, op=dist.ReduceOp.MAX, group=group)
+        self.cut = applied.tolist()
+        while any(self.applied(w) < self.cut[w] for w in self.live):
             self._next_event()
 
+    def _release_cut(self) -> None:
+        if self.cut is None:
+            return
+        self.cut = None
+        deferred, self.deferred = self.deferred, []
+        for worker, header, grad in deferred:
+            self._on_push(worker, header, grad)
+        self._grant_pulls()
+
     def finish(self) -> None:
-        """Serve until every worker has said goodbye (or died); then flush sends."""
-        while self.live or self.hold.held:
+        """The run is over: answer every pull with "stop", drop late pushes, serve until every
+        worker has said goodbye (or died); then flush sends."""
+        self.stopping = True
+        self.hold.drop()
+        self._grant_pulls()
+        while self.live:
             self._next_event()
         for works, _, worker in self.sends:
             self._wait(works, worker)
@@ -109,11 +165,19 @@ class ShardServer:
         self.hold.quiet_since = time.monotonic()
         if header is None:
             self._lost(worker, payload)
-        elif header.kind == protocol.PUSH and self.hold.wants(worker, self.gate.synchronous):
-            self.hold.hold(worker, header, payload)
         elif header.kind == protocol.PUSH:
-            self._on_push(worker, header, payload)
+            self.stop_asked |= bool(header.stop)
+            self.stats.push_received(worker)
+            if self.stopping:
+                pass  # computed after the last step: never applied
+            elif self.cut is not None and self.applied(worker) >= self.cut[worker]:
+                self.deferred.append((worker, header, payload))
+            elif self.hold.wants(worker, self.gate.synchronous):
+                self.hold.hold(worker, header, payload)
+            else:
+                self._on_push(worker, header, payload)
         elif header.kind == protocol.PULL:
+            self.stop_asked |= bool(header.stop)
             self.pulls.append(worker)
         elif header.kind == protocol.BYE:
             self.live.discard(worker)
@@ -124,24 +188,22 @@ class ShardServer:
         self._prune_sends()
 
     def _release_held(self) -> None:
-        if self.hold.ready(self.live, self.gate.outstanding, self.pulls, self.session_pushes):
+        if self.hold.ready(self.live, self.gate.outstanding, self.pulls):
             for worker, (header, grad) in self.hold.take():
                 self._on_push(worker, header, grad)
             self._grant_pulls()
 
     def _on_push(self, worker: int, header: protocol.Header, grad: torch.Tensor) -> None:
-        self.stats.push_received(worker, header.loss)
-        self.session_pushes[worker] += 1
         staleness = self.stats.version - header.pulled_version
         self.gate.pushed(worker)
         if self.gate.synchronous:
-            self.round[worker] = (grad, staleness)
+            self.round[worker] = (grad, staleness, header)
         else:
             # Each push is its own update; 1/num_workers keeps one round of N pushes as
             # large as one synchronous step, so optim.lr means the same for every bound.
             # Clipping applies to the worker's whole gradient, by the norm it measured.
             grad.mul_(_clip_coef(self.settings.grad_clip, header.grad_norm))
-            self._apply(grad.div_(self.settings.num_workers), [staleness])
+            self._apply(grad.div_(self.settings.num_workers), [(worker, staleness, header)])
 
     def _apply_round_if_complete(self) -> None:
         if not self.round or any(w not in self.round for w in self.live):
@@ -151,16 +213,19 @@ class ShardServer:
         for worker in order[1:]:
             total += self.round[worker][0]
         total.div_(len(order))
+        applied = [(w, self.round[w][1], self.round[w][2]) for w in order]
         if self.settings.grad_clip is not None:  # the averaged gradient, as DDP clips it
             squares = total.double().pow(2).sum().reshape(1)
             if self.settings.servers_group is not None:
                 dist.all_reduce(squares, group=self.settings.servers_group)
             total.mul_(_clip_coef(self.settings.grad_clip, float(squares.sqrt())))
-        self._apply(total, [self.round[w][1] for w in order])
+        self._apply(total, applied)
         self.round.clear()
         self.gate.round_applied()
 
-    def _apply(self, grad: torch.Tensor, staleness: list[int]) -> None:
+    def _apply(self, grad: torch.Tensor, applied: list[tuple[int, int, protocol.Header]]) -> None:
+        """One optimizer step from ``grad``, made of the gradients (worker, staleness, header)."""
+        staleness = [value for _, value, _ in applied]
         for param, chunk in zip(self.params, grad.split([p.numel() for p in self.params])):
             param.grad = chunk.view_as(param).to(param.device)
         factor = 1.0 / (1 + max(staleness)) if self.settings.staleness_lr == "inverse" else 1.0
@@ -171,7 +236,12 @@ class ShardServer:
         for group, lr in zip(self.optimizer.param_groups, saved):
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        self.stats.record_update(staleness, self.settings.max_staleness)
+        self.stats.record_update(staleness, self.settings.max_staleness, [w for w, _, _ in applied],
+                                 [h.loss for _, _, h in applied])
+        for _, _, header in applied:
+            self.step.loss_sum += header.loss
+            self.step.samples += header.samples
+        self.step.gradients += len(applied)
 
     def _grant_pulls(self) -> None:
         """Grant waiting pulls in arrival order. Under a bound s >= 1, once the gate refuses one
@@ -180,6 +250,12 @@ class ShardServer:
         straggler refused for 20 versions while the other two ran free). A refusal there always
         waits on computations in flight, so this cannot deadlock; with s = 0 a refusal waits on
         the round, whose missing pushes may sit behind it, so synchronous pulls never queue."""
+        if self.stopping:
+            while self.pulls:
+                worker = self.pulls.popleft()
+                if worker in self.live:
+                    self._send_params(worker, protocol.STOP_PEERS_LOST if self.lost else protocol.STOP)
+            return
         waiting: collections.deque[int] = collections.deque()
         refused = False
         fair = self.gate.max_staleness not in (0, None)
@@ -199,8 +275,8 @@ class ShardServer:
                 waiting.append(worker)
         self.pulls = waiting
 
-    def _send_params(self, worker: int) -> None:
-        version = torch.tensor([self.stats.version], dtype=torch.int64)
+    def _send_params(self, worker: int, status: int = protocol.GO) -> None:
+        version = protocol.Reply(self.stats.version, status, self.applied(worker)).pack()
         flat = protocol.flatten(self.params).to(self.dtype)
         dst = self.rank_of(worker)
         try:
@@ -231,6 +307,7 @@ class ShardServer:
         if worker not in self.live:
             return
         self.live.discard(worker)
+        self.lost.add(worker)
         self.gate.forget(worker)
         log.warning("ps server %d: worker %d (rank %d) is gone (%s); going on with %d worker(s)",
                     self.stats.server, worker, self.rank_of(worker), str(exc).splitlines()[0][:200],

@@ -23,7 +23,8 @@ class ServerStats:
                        "staleness_hist": torch.zeros(HIST_BINS, dtype=torch.int64),
                        "staleness_max": torch.zeros((), dtype=torch.int64),
                        "violations": torch.zeros((), dtype=torch.int64),
-                       "pushes": torch.zeros(num_workers, dtype=torch.int64)}
+                       "pushes": torch.zeros(num_workers, dtype=torch.int64),   # received
+                       "applied": torch.zeros(num_workers, dtype=torch.int64)}  # in the weights
         self.writer = None
         if tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -43,16 +44,19 @@ class ServerStats:
     def version(self) -> int:
         return int(self.totals["version"])
 
-    def push_received(self, worker: int, loss: float) -> None:
+    def push_received(self, worker: int) -> None:
         self.totals["pushes"][worker] += 1
         self.interval_pushes[worker] += 1
         self.last_push[worker] = time.perf_counter()
-        self.loss_sum += loss
-        self.loss_count += 1
 
-    def record_update(self, staleness: list[int], bound: int | None) -> None:
-        """One optimizer step applied, made of gradients of these staleness values."""
+    def record_update(self, staleness: list[int], bound: int | None, workers: list[int], losses: list[float]) -> None:
+        """One optimizer step applied, made of the gradients of ``workers`` (their staleness
+        values and losses)."""
         self.totals["version"] += 1
+        for worker, loss in zip(workers, losses):
+            self.totals["applied"][worker] += 1
+            self.loss_sum += loss
+            self.loss_count += 1
         for value in staleness:
             self.totals["staleness_hist"][min(value, HIST_BINS - 1)] += 1
             self.totals["staleness_max"].fill_(max(int(self.totals["staleness_max"]), value))
@@ -69,8 +73,8 @@ class ServerStats:
         return {"ps_staleness_mean": sum(values) / len(values), "ps_staleness_max": float(max(values))}
 
     def log_interval(self, step: int) -> None:
-        # per worker: its pushes over the time it was pushing (a fast worker that ran
-        # ahead and then waited at the loop's sync point is not charged for the wait)
+        # per worker: its pushes over the time it was pushing (a worker that died or finished
+        # early is not charged for the time after its last push)
         rates = [n / max(last - self.started, 1e-9) for n, last in zip(self.interval_pushes, self.last_push)]
         stale = self.interval_staleness or [0]
         loss = self.loss_sum / self.loss_count if self.loss_count else float("nan")

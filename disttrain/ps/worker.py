@@ -1,11 +1,10 @@
 """A worker's side of the protocol: pull parameters from every server, push gradients.
 
-Pushes are non-blocking (``isend``): the gradient upload and the server's update run
-while the loop logs and loads the next batch. The pull is sent when the worker is ready
-to compute (start of its step), not prefetched with the push: a granted pull counts as
-a computation in flight for the staleness gate, and a worker parked at a loop-level sync
-point (logging, checkpoint) while holding one would block the slow workers it waits
-for (a deadlock). The receive of every shard is posted before the request goes out.
+Pushes are non-blocking (``isend``), and the next pull is requested right behind the push:
+the server applies the gradient and answers while the worker loads its next batch. (A
+granted pull counts as a computation in flight for the staleness gate; that is safe because
+workers run free and never park at a job-wide sync point while holding one.) The receive of
+every shard is posted before the request goes out.
 """
 from __future__ import annotations
 
@@ -34,42 +33,57 @@ class WorkerClient:
 
     def __init__(self, shards: Sequence[tuple[int, list[torch.nn.Parameter]]], group: Any):
         self.group = group
-        self.links = [_Link(rank, params, torch.zeros(1, dtype=torch.int64),
+        self.closed = False
+        self.peers_lost = False  # a server said some worker died (the teardown must not wait for it)
+        self.links = [_Link(rank, params, torch.zeros(protocol.REPLY_LEN, dtype=torch.int64),
                             torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype))
                       for rank, params in shards]
         self.clock = 0
         self.receives: list[Any] = []
         self.sends: list[tuple[Any, list[torch.Tensor]]] = []
 
-    def request_params(self) -> None:
-        """Ask every server for its shard (answered when the staleness bound allows)."""
+    def request_params(self, stop: bool = False) -> None:
+        """Ask every server for its shard (answered when the staleness bound allows);
+        ``stop``: this process got a stop signal, the servers should end the run."""
         self._post_receives()
         for link in self.links:
-            self._send(link, protocol.Header(protocol.PULL, self.clock))
+            self._send(link, protocol.Header(protocol.PULL, self.clock, stop=int(stop)))
 
-    def wait_params(self) -> list[int]:
-        """Block until the requested shards arrive, load them into the model; return the
-        version of each shard."""
+    def wait_params(self) -> protocol.Reply | None:
+        """Block until the requested shards arrive. None when a server says the run is over;
+        else load them into the model and return the first server's reply (its ``applied``
+        is this worker's position in its data stream: every server applies the same pushes)."""
         for work in self.receives:
             work.wait()
         self.receives = []
-        for link in self.links:
+        replies = [protocol.Reply.unpack(link.version) for link in self.links]
+        if any(reply.status != protocol.GO for reply in replies):
+            self.peers_lost = any(reply.status == protocol.STOP_PEERS_LOST for reply in replies)
+            return None
+        for link, reply in zip(self.links, replies):
             protocol.unflatten_into(link.flat, link.params)
-            link.pulled_version = int(link.version)
-        return [link.pulled_version for link in self.links]
+            link.pulled_version = reply.version
+        return replies[0]
 
-    def push(self, loss: float, grad_norm: float = 0.0) -> None:
+    def push(self, loss: float, grad_norm: float = 0.0, samples: int = 0, stop: bool = False) -> None:
         """Send this step's gradients to every server (returns at once)."""
         self._drain_sends()
         self.clock += 1
         for link in self.links:
-            header = protocol.Header(protocol.PUSH, self.clock, link.pulled_version, loss, grad_norm)
+            header = protocol.Header(protocol.PUSH, self.clock, link.pulled_version, loss, grad_norm, samples,
+                                     int(stop))
             self._send(link, header, protocol.flat_grads(link.params))
 
     def close(self) -> None:
-        """Collect a reply still in flight, then tell every server this worker is done."""
+        """Collect a reply still in flight, then tell every server this worker is done (once:
+        a server stops listening to a worker after its goodbye)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.receives:
-            self.wait_params()
+            for work in self.receives:
+                work.wait()
+            self.receives = []
         for link in self.links:
             self._send(link, protocol.Header(protocol.BYE, self.clock))
         self._drain_sends()

@@ -89,6 +89,7 @@ class Guard:
     def wrap(self, parts, start_step: int) -> "Guard":
         """Hook this guard into the loop's parts (batches, save, stop_requested)."""
         self.step = start_step
+        self.engine = parts.engine
         if self.stop_signal is not None:  # the strategy's cadence: param_server ranks meet only at log steps
             self.poll = StopPoll(self.stop_signal, self.fault.stop_poll_s, start_step, parts.engine.stop_check_every)
         self.heartbeat.enter("between steps", start_step + 1)
@@ -124,13 +125,25 @@ class Guard:
             self.saved_on_stop = self.stop_signal is not None and self.stop_signal.stopped
         return guarded
 
-    def _stop_requested(self) -> bool:
-        self.step += 1
-        if self.debug.get("kill_step") == self.step and self.debug.get("kill_rank") == self.world.rank:
-            log.warning("fault.debug: SIGKILL to rank %d at step %d", self.world.rank, self.step)
+    def _debug_faults(self, step: int) -> None:
+        if self.debug.get("kill_step") == step and self.debug.get("kill_rank") == self.world.rank:
+            log.warning("fault.debug: SIGKILL to rank %d at step %d", self.world.rank, step)
             os.kill(os.getpid(), signal.SIGKILL)
         if self.debug.get("step_delay_s"):  # a slow step: time for a test to signal mid-run
             time.sleep(float(self.debug["step_delay_s"]))
+
+    def tick_alone(self, step: int) -> bool:
+        """For a rank that runs free, outside the loop (a parameter-server worker): the debug
+        faults of its ``step``, and whether this process received a stop signal. No
+        collective: the rank tells its peers itself."""
+        self._debug_faults(step)
+        return self.stop_signal is not None and self.stop_signal.received is not None
+
+    def _stop_requested(self) -> bool:
+        self.step += 1
+        self._debug_faults(self.step)
+        if self.stop_signal is not None and self.engine.peer_stop():  # a free-running rank was signalled
+            self.stop_signal.request(signal.SIGTERM)
         self.heartbeat.enter("stop-signal all-reduce", self.step)
         stop = self.poll(self.step) if self.poll is not None else False
         self.heartbeat.enter("between steps", self.step + 1)

@@ -58,6 +58,11 @@ class StopSignal:
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.received = signal.Signals(signum)
 
+    def request(self, sig: signal.Signals) -> None:
+        """A peer outside the job's collectives (a parameter-server worker) received ``sig``:
+        count it as received here, so the next poll stops the job the usual way."""
+        self.received = self.received or sig
+
     def agreed(self, local_figure: float = 0.0) -> tuple[bool, float]:
         """(stop, the largest ``local_figure`` over the ranks): True on every rank once any rank
         has received a signal. A collective: all ranks call it at the same step."""

@@ -88,6 +88,11 @@ class Strategy(abc.ABC):
         """What this strategy honours under ``cfg`` (a strategy with modes may differ per mode)."""
         return cls.capabilities
 
+    @classmethod
+    def expendable_ranks(cls, cfg: DictConfig, world_size: int) -> frozenset[int]:
+        """Ranks whose death the job survives (a launcher-free run keeps the others going)."""
+        return frozenset()
+
     @abc.abstractmethod
     def setup(self, ctx: SetupContext) -> None:
         """Build ``self.model`` (this rank's materialized part)."""
@@ -135,6 +140,28 @@ class Strategy(abc.ABC):
         """torch.distributed.checkpoint StateDictOptions for model and optimizer, or None."""
         return None
 
+    # ---- ranks outside the loop (the asynchronous parameter server's workers) ----------
+    def loop_group(self) -> Any:
+        """The group whose ranks run the loop's collectives (meter, checkpoints, evaluation,
+        stop polls) on this rank; None = every rank of the job."""
+        return None
+
+    def runs_free(self) -> bool:
+        """True on a rank that does not run the loop but ``work`` (no collectives at all)."""
+        return False
+
+    def work(self, loader, sampler, loss_fn, device, grad_accum: int, tick) -> dict[str, Any]:
+        """A free-running rank's whole run; ``tick(n) -> bool`` reports a local stop signal."""
+        raise TypeError(f"{type(self).__name__} runs every rank in the loop")
+
+    def peer_stop(self) -> bool:
+        """A free-running peer received a stop signal (the loop then stops the job)."""
+        return False
+
+    def clean_exit(self) -> bool:
+        """False when a peer died: the teardown must not wait for it at a barrier."""
+        return True
+
     def close(self) -> None:
         """Release resources (threads, servers); called once after training."""
 
@@ -145,8 +172,7 @@ class SelfStepping(Strategy):
 
     optimizer: Any = None
     scheduler: Any = None
-    #: steps between the loop's job-wide polls for a stop request; asynchronous engines raise
-    #: it so per-step polling does not re-synchronise workers that run ahead of each other.
+    #: stop polls fall on multiples of this many steps (an engine whose ranks meet only there)
     stop_check_every: int = 1
 
     @abc.abstractmethod

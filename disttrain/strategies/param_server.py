@@ -5,18 +5,18 @@ size) and applies the run's optimizer and scheduler to it. The other ranks are w
 they pull the parameters, compute gradients on their own data shard and push them,
 without waiting for each other beyond the staleness bound (see ``disttrain.ps.gate``).
 
-How this fits the loop, which calls ``train_step`` on every rank and runs collectives
-(the meter's all-reduce on logging steps, checkpoint saves) on all ranks:
+Progress lives on the servers, where an asynchronous job's state is:
 
-* a worker's step = wait for its parameters, forward/backward, push; it returns as soon
-  as the push is posted, so fast workers run ahead of slow ones within the bound;
-* a server's step = serve pushes and pulls (from any worker, for any step) until every
-  live worker has pushed that step's gradient; so servers reach each collective right
-  after the slowest worker, and at a checkpoint every gradient up to that step has been
-  applied (the saved state is exact, and a resumed run continues from it);
-* hence logging and checkpoint steps are the synchronisation points: between them,
-  workers are free within ``max_staleness``. A larger ``trainer.log_every`` gives more
-  asynchrony; with a consistently slow worker every worker still does ``max_steps`` steps.
+* the servers run the loop (``disttrain.engine.loop``) with the loop's collectives (meter,
+  logging, checkpoints, evaluation, stop polls) narrowed to the servers' own group; a server's
+  step = serve pushes and pulls until one step's worth of gradients is applied (one round with
+  ``max_staleness=0``, else one gradient per live worker, from whichever workers sent them),
+  so ``trainer.max_steps`` counts the same data as DDP's steps under every bound;
+* the workers run free (``disttrain.ps.free_worker``): pull, compute, push, until a server
+  answers a pull with "stop". They never enter a job-wide collective, so a fast worker
+  contributes more gradients than a slow one, and a dead worker is dropped by the servers
+  while the others go on. A worker's data position is the number of its gradients the
+  servers have applied, so checkpoints (written by the servers) hold it without the workers.
 
 Traffic runs on its own gloo group (plain point-to-point, not torch.distributed.rpc: it is
 in maintenance mode, needs a second rendezvous and its own thread pools, while gloo
@@ -32,10 +32,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from disttrain.ps import protocol
-from disttrain.ps.hold import SyncPoints
 from disttrain.ps.server import ServerSettings, ShardServer
 from disttrain.ps.stats import ServerStats
 from disttrain.ps.worker import WorkerClient
@@ -73,13 +72,17 @@ class ParamServer(SelfStepping):
         self.debug_hold = bool(debug_hold_slow_pushes)
         self.server: ShardServer | None = None
         self.client: WorkerClient | None = None
-        self.steps = 0
 
     @classmethod
     def validate(cls, cfg: DictConfig, world_size: int) -> None:
         from disttrain.ps.settings import check
 
         check(cfg.strategy, world_size)
+
+    @classmethod
+    def expendable_ranks(cls, cfg: DictConfig, world_size: int) -> frozenset[int]:
+        """The workers: the servers hold the whole state and go on with the others."""
+        return frozenset(range(int(cfg.strategy.get("num_servers", 1)), world_size))
 
     # ---- roles -----------------------------------------------------------------------
     @property
@@ -97,6 +100,29 @@ class ParamServer(SelfStepping):
             return 0, 1
         return self.world.rank - self.num_servers, self.num_workers
 
+    def loop_group(self):
+        """The servers run the loop among themselves (its collectives stay off the workers)."""
+        return self.servers_loop_group if self.is_server else None
+
+    def runs_free(self) -> bool:
+        return not self.is_server
+
+    def work(self, loader, sampler, loss_fn, device, grad_accum: int, tick) -> dict[str, Any]:
+        """A worker's whole run (see disttrain.ps.free_worker)."""
+        from disttrain.ps.free_worker import FreeWorker
+
+        return FreeWorker(self, loader, sampler, loss_fn, device, grad_accum, tick).run()
+
+    def peer_stop(self) -> bool:
+        """A worker's process received a stop signal and told the servers."""
+        return self.server is not None and self.server.stop_asked
+
+    def clean_exit(self) -> bool:
+        """False once a peer died: the teardown barrier would wait for it."""
+        if self.server is not None:
+            return not self.server.lost
+        return self.client is None or not self.client.peers_lost
+
     # ---- setup -----------------------------------------------------------------------
     def setup(self, ctx: SetupContext) -> None:
         from disttrain.ps.settings import check_world
@@ -107,8 +133,6 @@ class ParamServer(SelfStepping):
         self.precision = Precision(ctx.settings.precision, ctx.device)
         self.grad_clip = ctx.settings.grad_clip
         self.log_every = int(ctx.cfg.trainer.log_every)
-        # Poll for stop signals only on logging steps (the loop's sync points), not per step.
-        self.stop_check_every = self.log_every
         names = [name for name, _ in self.model.named_parameters()]
         params = list(self.model.parameters())
         plan = protocol.plan_shards([p.numel() for p in params], self.num_servers)
@@ -116,9 +140,9 @@ class ParamServer(SelfStepping):
         self.plan = plan
         # Every rank creates the group (a collective), servers and workers alike.
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.comm_timeout_s))
-        # s=0 clipping with several servers sums the round's norm over the servers.
-        needs = self.grad_clip is not None and self.max_staleness == 0 and self.num_servers > 1
-        self.servers_group = dist.new_group(list(range(self.num_servers)), backend="gloo") if needs else None
+        # The servers' own group: the loop's collectives, s=0 clipping, checkpoint cuts.
+        self.servers_loop_group = dist.new_group(list(range(self.num_servers)), backend="gloo")
+        self.servers_group = self.servers_loop_group if self.num_servers > 1 else None
         if self.is_server:
             self.owned = [names[i] for i in plan[self.world.rank]]
             self._setup_server(ctx, [params[i] for i in plan[self.world.rank]])
@@ -143,40 +167,35 @@ class ParamServer(SelfStepping):
         tb_dir = ctx.run_dir / "tensorboard" / f"ps_server{self.world.rank}"
         self.stats = ServerStats(self.num_workers, self.world.rank, tb_dir)
         held = frozenset(self.debug_slow_workers) if self.debug_hold else frozenset()
-        sync = SyncPoints.of([self.log_every, int(ctx.cfg.checkpoint.every_steps), int(ctx.cfg.trainer.eval_every or 0),
-                              int(OmegaConf.select(ctx.cfg, "metrics.straggler_every", default=0) or 0)],
-                             last=int(ctx.cfg.trainer.max_steps))
         settings = ServerSettings(self.max_staleness, self.staleness_lr, self.num_servers, self.num_workers,
-                                  hold_workers=held,
-                                  sync_points=sync, grad_clip=self.grad_clip, servers_group=self.servers_group)
+                                  hold_workers=held, grad_clip=self.grad_clip, servers_group=self.servers_group)
         self.server = ShardServer(shard, self.optimizer, self.group, settings, self.stats)
         log.info("ps server %d: %d tensors, %d parameters; %d workers; max_staleness=%s staleness_lr=%s",
                  self.world.rank, len(shard), sum(p.numel() for p in shard), self.num_workers,
                  self.max_staleness, self.staleness_lr)
 
-    # ---- one step --------------------------------------------------------------------
+    # ---- one step (servers; workers run free) ---------------------------------------
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepStats:
-        self.steps += 1
-        if self.is_server:
-            return self._serve_step()
-        self.client.request_params()
-        self.client.wait_params()
+        if not self.is_server:
+            raise TypeError("param_server workers run free (ParamServer.work), not the loop")
+        step = int(self.stats.totals["steps"]) + 1
+        applied = self.server.serve_step(step)
+        self.scheduler.step()
+        self.stats.totals["steps"] += 1
+        if step % self.log_every == 0:
+            self.stats.log_interval(step)
+        reports = self.world.rank == 0 and applied.gradients > 0  # one server speaks for the job
+        loss = torch.tensor(applied.loss_sum / max(applied.gradients, 1)) if reports else None
+        return StepStats(loss=loss, samples=applied.samples if reports else 0, extra=self.stats.step_extra())
+
+    def compute_gradients(self, micro_batches: list[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, float]:
+        """A worker's forward/backward on the parameters it pulled: (loss, global grad norm)."""
         self.model.zero_grad(set_to_none=True)
         loss = accumulate(self.model, micro_batches, loss_fn, autocast=self.precision.autocast)
         if self.world.rank - self.num_servers in self.debug_slow_workers:
             time.sleep(self.debug_delay_s)  # a straggler on purpose (tests, benchmarks)
         norm = float(global_grad_norm(list(self.model.parameters()))) if self.grad_clip is not None else 0.0
-        self.client.push(float(loss), norm)
-        return StepStats(loss=loss, samples=sum(len(b[0]) for b in micro_batches))
-
-    def _serve_step(self) -> StepStats:
-        self.server.serve_step(self.steps)  # session-relative: workers count pushes from 0 too
-        self.scheduler.step()
-        self.stats.totals["steps"] += 1
-        step = int(self.stats.totals["steps"])
-        if step % self.log_every == 0:
-            self.stats.log_interval(step)
-        return StepStats(loss=None, samples=0, extra=self.stats.step_extra())
+        return loss, norm
 
     # ---- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -186,6 +205,7 @@ class ParamServer(SelfStepping):
             return {}
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        self.server.align()  # several asynchronous servers save one cut of every worker's pushes
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         own = {name: model_sd[name] for name in self.owned}
         return {"model": own, f"ps_server{self.world.rank}": {
@@ -202,19 +222,20 @@ class ParamServer(SelfStepping):
         self.scheduler.load_state_dict(mine["scheduler"])
         for key, value in mine["counters"].items():
             self.stats.totals[key].copy_(value)
-        self.server.hold.step_offset = int(self.stats.totals["steps"])  # sync points are global steps
         log.info("ps server %d resumed at version %d", self.world.rank, self.stats.version)
 
     # ---- evaluation: on the servers' current weights -------------------------------
     def prepare_eval(self) -> None:
-        """Every rank (a collective, at the loop's sync point: every gradient of this step
-        is applied) receives each parameter from the server that owns it."""
+        """Servers only (the loop's collectives are theirs): each receives every parameter
+        from the server that owns it; every gradient of this step is applied."""
+        if self.servers_group is None:
+            return  # one server holds the whole model
         for index, param in enumerate(self.model.parameters()):
             owner = next(s for s, shard in enumerate(self.plan) if index in shard)
-            dist.broadcast(param.data, src=owner)
+            dist.broadcast(param.data, src=owner, group=self.servers_group)
 
     def eval_shard(self) -> tuple[int, int] | None:
-        return None if self.is_server else self.data_shard()
+        return (self.world.rank, self.num_servers) if self.is_server else None
 
     def close(self) -> None:
         if self.server is not None:

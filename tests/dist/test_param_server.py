@@ -1,5 +1,6 @@
 """strategy=param_server on real gloo processes (the real CLI, 3-4 ranks): synchronous
-equivalence, the staleness bound under a straggler, exact resume, a killed worker, and
+equivalence, the staleness bound under a straggler, exact resume, free-running workers that
+the servers stop at ``trainer.max_steps``, a killed worker the job goes on without, and
 convergence."""
 import re
 import shutil
@@ -79,7 +80,7 @@ def test_staleness_zero_equals_synchronous_sgd(sync_run):
     for name in reference:
         torch.testing.assert_close(trained[name], reference[name], atol=1e-6, rtol=1e-6, msg=name)
     count = counters(sync_run, 12)
-    assert int(count["version"]) == 12 and count["pushes"].tolist() == [12, 12]
+    assert int(count["version"]) == 12 and count["applied"].tolist() == [12, 12]
     assert int(count["staleness_max"]) == 0 and int(count["staleness_hist"][0]) == 24
 
 
@@ -142,11 +143,8 @@ def test_bf16_on_workers_is_honoured_and_fp16_refused(sync_run, tmp_path):
 def test_straggler_never_makes_a_gradient_older_than_the_bound(tmp_path):
     """1 server, 3 workers; worker 0 is a straggler by construction, not by timing: the
     server applies its pushes only once the two fast workers cannot move (each waits on a
-    pull the gate refuses, or sits at a sync point), so run-ahead does not depend on how
-    the OS schedules 4 processes on 2 cores. Checked from the server's own counters (in
-    the checkpoint). Staleness 3 needs the fast workers to run ahead across steps (if
-    every step were a sync point, each worker would push once per step and staleness
-    would stay <= 2)."""
+    pull the gate refuses), so run-ahead does not depend on how the OS schedules 4 processes
+    on 2 cores. Checked from the server's own counters (in the checkpoint)."""
     bound, steps = 3, 30
     run_disttrain(PS + ["dist.nproc_per_node=4", f"strategy.max_staleness={bound}", "strategy.debug_slow_workers=[0]",
                         "strategy.debug_hold_slow_pushes=true", f"trainer.max_steps={steps}",
@@ -155,15 +153,17 @@ def test_straggler_never_makes_a_gradient_older_than_the_bound(tmp_path):
     hist = count["staleness_hist"]
     assert int(count["staleness_max"]) <= bound and int(count["violations"]) == 0
     assert int(hist[bound + 1:].sum()) == 0
-    # The bound was reached. Deterministic: the fast workers start only once worker 0 computes,
-    # and its held push is released only when the gate stops both of them, i.e. at exactly
-    # `bound` versions. How many of its 30 pushes get there still depends on how fast it comes
-    # back between steps (measured 13-20 of 30), so the assertion is that it happens.
+    # The bound was reached: every held push is released only when the gate stops both fast
+    # workers, i.e. at exactly `bound` versions.
     assert int(hist[bound]) > 0, hist.tolist()
-    assert int(count["version"]) == 3 * steps and count["pushes"].tolist() == [steps] * 3
+    # The servers stop at max_steps steps of 3 gradients each, whoever sent them: the held
+    # worker sent fewer than the free ones (workers run free, none waits for a step's end).
+    applied = count["applied"].tolist()
+    assert int(count["steps"]) == steps and sum(applied) >= 3 * steps, applied
+    assert applied[0] < min(applied[1:]), applied
     logs = _logs(tmp_path / "run")
-    assert f"ps server 0 step {steps}: version {3 * steps}, staleness max " in logs
-    assert "held push released after" not in logs  # every release was decided by the gate or a sync point
+    assert f"ps server 0 step {steps}: version " in logs
+    assert "held push released after" not in logs  # every release was decided by the gate
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "ps_server0"))
@@ -176,23 +176,29 @@ def _logs(run_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in run_dir.rglob("*.log"))
 
 
-def test_async_two_servers_survive_a_killed_worker_and_converge(tmp_path):
-    """Fully asynchronous, lr scaled by staleness, parameters sharded over 2 servers.
-    SIGKILL to worker 1 (rank 3) at step 15: both servers notice and say so; the loop's
-    next collective fails, the elastic agent restarts the job (dist.max_restarts=1), which
-    resumes from the step-10 checkpoint (version 20) and finishes; the regression loss of
-    the final weights is well below its starting value (~0.3)."""
+def test_async_two_servers_go_on_without_a_killed_worker_and_converge(tmp_path):
+    """Fully asynchronous, lr scaled by staleness, parameters sharded over 2 servers, worker 1
+    slowed. SIGKILL to worker 1 (rank 3) at its 15th gradient: both servers notice and say so,
+    and the job finishes without a restart (the servers hold the whole state; worker 0 does
+    the rest of the steps). The regression loss of the final weights is well below its
+    starting value (~0.3), and both servers' checkpoint cuts agree."""
     run_dir, steps = tmp_path / "run", 150
-    run_disttrain(PS + ["dist.nproc_per_node=4", "strategy.num_servers=2", "strategy.max_staleness=null",
-                        "strategy.staleness_lr=inverse", f"trainer.max_steps={steps}", "trainer.log_every=10",
-                        "checkpoint.every_steps=10", "dist.max_restarts=1", "+fault.debug.kill_rank=3",
-                        "+fault.debug.kill_step=15"], run_dir, timeout=400)
-    logs = _logs(run_dir)
+    proc = run_disttrain(PS + ["dist.nproc_per_node=4", "strategy.num_servers=2", "strategy.max_staleness=null",
+                               "strategy.staleness_lr=inverse", f"trainer.max_steps={steps}", "trainer.log_every=10",
+                               "checkpoint.every_steps=50", "strategy.debug_slow_workers=[1]",
+                               "strategy.debug_delay_s=0.005", "+fault.debug.kill_rank=3",
+                               "+fault.debug.kill_step=15"], run_dir, timeout=400)
+    logs = _logs(run_dir) + proc.stdout + proc.stderr
     assert "ps server 0: worker 1 (rank 3) is gone" in logs and "ps server 1: worker 1 (rank 3) is gone" in logs
-    assert "ps server 0 resumed at version 20" in logs and "ps server 1 resumed at version 20" in logs
+    assert "rank 3 exited with code -9; the job goes on without it" in logs
+    assert "resumed" not in logs and "restart 1 of this job" not in logs
+    cuts = [counters(run_dir, steps, server)["applied"].tolist() for server in (0, 1)]
+    assert cuts[0] == cuts[1], cuts  # one model: the same gradients in every shard
     for server in (0, 1):
         count = counters(run_dir, steps, server)
-        assert int(count["version"]) == 2 * steps and int(count["steps"]) == steps
+        assert int(count["steps"]) == steps
+    applied = cuts[0]
+    assert applied[1] == 14 and applied[0] > steps, applied  # killed before its 15th push; worker 0 did the rest
     cfg = OmegaConf.load(run_dir / ".hydra" / "resolved.yaml")
     model, dataset = builders.model_builder(cfg)(), builders.build_dataset(cfg)
     inputs, targets = dataset.tensors
