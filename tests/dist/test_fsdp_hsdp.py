@@ -46,23 +46,25 @@ def batches(accum: int):
              for _ in range(accum)] for _ in range(STEPS)]
 
 
-def train(cfg, steps, run_dir, world, device, watch=None):
-    """(strategy, engine, losses); ``watch`` is called on the model before the first step."""
+def train(cfg, steps, run_dir, world, device, before=None):
+    """(strategy, engine, losses); ``before`` is called on the model before the first step."""
     from disttrain.engine.build import build_engine
 
     strategy, engine = build_engine(cfg, world, device, run_dir)
-    if watch is not None:
-        watch(strategy.model)
+    if before is not None:
+        before(strategy.model)
     losses = [float(engine.train_step(micro, torch.nn.MSELoss()).loss) for micro in steps]
     return strategy, engine, losses
 
 
-def watch_dtypes(model, seen: set):
+def watch(model, seen: dict):
     """Record the dtype of each Linear's weight as its forward sees it (FSDP2's pre-forward
-    hook, registered first, has all-gathered it by then)."""
+    hook, registered first, has all-gathered it by then), and how much of the first block's
+    weight a rank holds between forward and backward (after the root's forward)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.register_forward_pre_hook(lambda mod, _args: seen.add(str(mod.weight.dtype)))
+            module.register_forward_pre_hook(lambda mod, _args: seen["dtypes"].add(str(mod.weight.dtype)))
+    model.register_forward_hook(lambda mod, _args, _out: seen["kept"].add(mx.full_or_local(mod[0].weight).numel()))
 
 
 def _run_cases(rank, world_size, tmp):
@@ -89,16 +91,15 @@ def _run_cases(rank, world_size, tmp):
         mine = [mx.my_share(micro, "split", rank, world_size) for micro in global_steps]
         cfg = compose(optim, "strategy=fsdp", f"data.batch_size={mx.BATCH}", *overrides, *shared)
         validate(cfg, world_size)  # the run's own pre-flight accepts every case
-        seen: set = set()
-        strategy, engine, losses = train(cfg, mine, Path(tmp) / case, world, device,
-                                         watch=lambda m: watch_dtypes(m, seen))
+        seen: dict = {"dtypes": set(), "kept": set()}
+        strategy, engine, losses = train(cfg, mine, Path(tmp) / case, world, device, before=lambda m: watch(m, seen))
         mean_losses = torch.tensor(losses)
         dist.all_reduce(mean_losses)  # equal per-rank batches: the mean of rank losses is the global loss
         got = mx.weights(strategy)
         out[case] = {"diff": mx.max_diff(got, ref_weights), "weights": got,
                      "loss": (mean_losses / world_size).tolist(), "ref_loss": ref_losses,
                      "local": sum(mx.full_or_local(p).numel() for p in strategy.model.parameters()),
-                     "forward_dtypes": sorted(seen),
+                     "forward_dtypes": sorted(seen["dtypes"]), "kept_after_forward": sorted(seen["kept"]),
                      "param_dtypes": sorted({str(p.dtype) for g in engine.optimizer.param_groups for p in g["params"]}),
                      "param_devices": sorted({p.device.type for p in strategy.model.parameters()})}
         engine.close()
@@ -130,6 +131,10 @@ def test_hsdp_shards_within_a_group_and_replicates_across_groups(cases):
 
 
 def test_reshard_after_forward_true_false_int_give_the_same_weights(cases):
+    """Between forward and backward a rank holds 1/4 (true), 1/2 (2: groups of 2 ranks) or
+    all (false) of the first Linear's 32 x 32 weight; the arithmetic is the same."""
+    kept = {case: cases[0][case]["kept_after_forward"] for case in ("shard4", "shard4_partial", "shard4_keep")}
+    assert kept == {"shard4": [256], "shard4_partial": [512], "shard4_keep": [1024]}, kept
     for rank in range(RANKS):
         base = cases[rank]["shard4"]["weights"]
         for case in ("shard4_keep", "shard4_partial"):
