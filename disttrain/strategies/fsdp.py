@@ -128,6 +128,10 @@ class FSDP(Strategy):
         # CPU offload: FSDP2 wants the shards materialized in host memory.
         self.model = ctx.model.materialize_in_place(module, "cpu" if self.cpu_offload else ctx.device)
 
+    def communicated_module(self):
+        """The FSDP2 root: the observer times its all-gathers and reduce-scatters."""
+        return self.model
+
     @contextlib.contextmanager
     def _no_sync(self):
         """FSDP2's no_sync: each rank accumulates its full, unreduced gradients (in fp32 under

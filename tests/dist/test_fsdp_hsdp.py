@@ -13,8 +13,11 @@ from helpers import spawn
 
 import _matrix as mx
 
+from disttrain.observe import fsdp_comm
+
 RANKS, STEPS = 4, 3
 TOL = 1e-5                # fp32: another summation order only
+SLOW = 0.1                # case shard4: the last rank sleeps this long before each step
 MODEL = [o for o in mx.MODEL if not o.startswith("optim.")]
 OPTIMS = {"sgd": ["optim=sgd", "optim.lr=0.1", "optim.momentum=0.9"],
           "adamw": ["optim=adamw", "optim.lr=0.01"]}
@@ -46,14 +49,20 @@ def batches(accum: int):
              for _ in range(accum)] for _ in range(STEPS)]
 
 
-def train(cfg, steps, run_dir, world, device, before=None):
-    """(strategy, engine, losses); ``before`` is called on the model before the first step."""
+def train(cfg, steps, run_dir, world, device, before=None, delay: float = 0.0):
+    """(strategy, engine, losses); ``before`` is called on the model before the first step;
+    this rank sleeps ``delay`` seconds before each step (a straggler on purpose)."""
+    import time
+
     from disttrain.engine.build import build_engine
 
     strategy, engine = build_engine(cfg, world, device, run_dir)
     if before is not None:
         before(strategy.model)
-    losses = [float(engine.train_step(micro, torch.nn.MSELoss()).loss) for micro in steps]
+    losses = []
+    for micro in steps:
+        time.sleep(delay)
+        losses.append(float(engine.train_step(micro, torch.nn.MSELoss()).loss))
     return strategy, engine, losses
 
 
@@ -65,6 +74,7 @@ def watch(model, seen: dict):
         if isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(lambda mod, _args: seen["dtypes"].add(str(mod.weight.dtype)))
     model.register_forward_hook(lambda mod, _args, _out: seen["kept"].add(mx.full_or_local(mod[0].weight).numel()))
+    seen["timer"] = fsdp_comm.attach(model)  # the observer's timing of FSDP's collectives
 
 
 def _run_cases(rank, world_size, tmp):
@@ -92,14 +102,16 @@ def _run_cases(rank, world_size, tmp):
         cfg = compose(optim, "strategy=fsdp", f"data.batch_size={mx.BATCH}", *overrides, *shared)
         validate(cfg, world_size)  # the run's own pre-flight accepts every case
         seen: dict = {"dtypes": set(), "kept": set()}
-        strategy, engine, losses = train(cfg, mine, Path(tmp) / case, world, device, before=lambda m: watch(m, seen))
+        delay = SLOW if case == "shard4" and rank == RANKS - 1 else 0.0
+        strategy, engine, losses = train(cfg, mine, Path(tmp) / case, world, device,
+                                         before=lambda m: watch(m, seen), delay=delay)
         mean_losses = torch.tensor(losses)
         dist.all_reduce(mean_losses)  # equal per-rank batches: the mean of rank losses is the global loss
         got = mx.weights(strategy)
         out[case] = {"diff": mx.max_diff(got, ref_weights), "weights": got,
                      "loss": (mean_losses / world_size).tolist(), "ref_loss": ref_losses,
                      "local": sum(mx.full_or_local(p).numel() for p in strategy.model.parameters()),
-                     "forward_dtypes": sorted(seen["dtypes"]), "kept_after_forward": sorted(seen["kept"]),
+                     "comm": seen["timer"].take(), "forward_dtypes": sorted(seen["dtypes"]), "kept_after_forward": sorted(seen["kept"]),
                      "param_dtypes": sorted({str(p.dtype) for g in engine.optimizer.param_groups for p in g["params"]}),
                      "param_devices": sorted({p.device.type for p in strategy.model.parameters()})}
         engine.close()
@@ -154,3 +166,13 @@ def test_bf16_gathers_bf16_and_steps_fp32_shards(cases):
         assert row["param_dtypes"] == ["torch.float32"], row["param_dtypes"]
         assert row["loss"] == pytest.approx(row["ref_loss"], rel=0.03), (row["loss"], row["ref_loss"])
         assert 1e-5 < row["diff"] < 5e-2, row["diff"]  # bf16 moved the weights, not far
+
+
+def test_fsdp_collectives_are_timed_and_show_the_wait_for_a_slow_rank(cases):
+    """The fast ranks wait for the slow one in the first all-gather of each step: their
+    exposed communication exceeds the slow rank's by most of its sleep."""
+    exposed = [cases[rank]["shard4"]["comm"][1] for rank in range(RANKS)]
+    for rank in range(RANKS):
+        total = cases[rank]["shard4"]["comm"][0]
+        assert total >= exposed[rank] > 0, (rank, total, exposed)
+    assert min(exposed[:-1]) - exposed[-1] > 0.5 * SLOW * STEPS, exposed
