@@ -64,6 +64,14 @@ def check_core(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.progress={cfg.trainer.progress!r} must be auto, bar or log.")
     _check_targets(cfg)
     _check_resume(cfg)
+    _check_hsdp_keys(cfg)
+
+
+def _check_hsdp_keys(cfg: DictConfig) -> None:
+    """dist.dp_replicate / dist.dp_shard split FSDP's data parallelism; elsewhere they would be ignored."""
+    keys = [key for key in ("dist.dp_replicate", "dist.dp_shard") if OmegaConf.select(cfg, key) is not None]
+    if keys and not str(cfg.strategy._target_).startswith("disttrain.strategies.fsdp."):
+        raise ConfigError(f"{' and '.join(keys)} (HSDP) apply only to strategy=fsdp: unset them, or use dist.dp.")
 
 
 def planned_world_size(cfg: DictConfig) -> int:

@@ -23,7 +23,7 @@ from disttrain.config.errors import ConfigError
 from disttrain.config.schema import MetricsConfig, section
 from disttrain.distributed.env import World
 from disttrain.distributed import comm
-from disttrain.observe import comm_timing, memory, peak, straggler, timeline
+from disttrain.observe import comm_timing, fsdp_comm, memory, peak, straggler, timeline
 from disttrain.observe.base import NullObserver
 from disttrain.observe.flops import flops_per_sample
 
@@ -200,9 +200,9 @@ def _peak(settings: MetricsConfig, precision: str, world: World, device: torch.d
 
 def build_observer(settings: MetricsConfig, precision: str, world: World, device: torch.device, run_dir: Path,
                    strategy, tensorboard, build_model: Callable, loss_fn) -> Observer:
-    """Attach the DDP timing hook, settle the peak FLOP/s, and arm the one-time FLOP count.
+    """Attach the communication timing (DDP's hook or FSDP2's collectives), settle the peak FLOP/s, and arm the one-time FLOP count.
     ``settings`` is the run's ``metrics`` section, ``precision`` the normalized trainer.precision."""
-    timer = comm_timing.attach(strategy.communicated_module())
+    timer = fsdp_comm.attach(strategy.communicated_module())  # DDP's hook, or FSDP2's collectives
     peak_flops = _peak(settings, precision, world, device, run_dir)
     count = (lambda batch: flops_per_sample(build_model, batch, loss_fn)) if settings.count_flops else None
     log.info("observe: peak %.3g FLOP/s per rank (%s); communication timing %s", peak_flops,

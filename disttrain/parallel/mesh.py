@@ -2,7 +2,8 @@
 built from it, plus the data-parallel gradient average that sits on top of a split model.
 
 The degrees come from ``dist.dp``, ``dist.pp`` and ``dist.tp`` (null = derive); their product
-must equal the world size, and that is checked before any worker starts.
+must equal the world size, and that is checked before any worker starts. Under FSDP the
+data-parallel degree splits once more, ``dist.dp_replicate x dist.dp_shard`` (HSDP).
 """
 from __future__ import annotations
 
@@ -79,3 +80,38 @@ def average_gradients(params: list[nn.Parameter], group, size: int) -> None:
     for g in locals_:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def resolve_dp_split(cfg: DictConfig, dp: int) -> tuple[int, int]:
+    """(replicate, shard) with ``dist.dp_replicate x dist.dp_shard == dp`` (HSDP): one unset
+    degree takes what the other leaves; both unset shard over all ``dp`` ranks (plain FSDP)."""
+    keys = ("dp_replicate", "dp_shard")
+    given = {key: OmegaConf.select(cfg, f"dist.{key}", default=None) for key in keys}
+    for key, value in given.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"dist.{key}={value!r} must be an integer >= 1 (or null to derive it).")
+    replicate, shard = given["dp_replicate"], given["dp_shard"]
+    if replicate is None and shard is None:
+        return 1, dp
+    known, other = ("dp_shard", "dp_replicate") if replicate is None else ("dp_replicate", "dp_shard")
+    if given[other] is None:
+        if dp % given[known]:
+            raise ValueError(f"dist.{known}={given[known]} does not divide the data-parallel degree {dp} "
+                             f"(dist.dp, the world size without pp/tp): choose a divisor of {dp}.")
+        given[other] = dp // given[known]
+    replicate, shard = given["dp_replicate"], given["dp_shard"]
+    if replicate * shard != dp:
+        raise ValueError(f"dist.dp_replicate={replicate} x dist.dp_shard={shard} = {replicate * shard} but the "
+                         f"data-parallel degree (dist.dp) is {dp}: make the product {dp} (or leave one null).")
+    return replicate, shard
+
+
+def build_dp_mesh(device: torch.device, replicate: int, shard: int):
+    """FSDP2's mesh: 1-D over the shard ranks, or 2-D (dp_replicate, dp_shard) for HSDP, where
+    ``fully_shard`` shards along dp_shard and replicates along dp_replicate. Ranks of one shard
+    group are neighbours (a node, on a real cluster), so the all-gathers stay within it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if replicate == 1:
+        return init_device_mesh(device.type, (shard,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))

@@ -5,43 +5,114 @@ while the model is still on the meta device, so no rank ever holds the whole mod
 materializes only its shard of each parameter. Parameters are all-gathered per block for
 forward and backward and gradients are reduce-scattered, so every rank ends the step with
 the averaged gradient of its own shard, and the engine's optimizer steps the shards.
+
+With ``dist.dp_replicate > 1`` the mesh is 2-D (HSDP): each group of ``dist.dp_shard`` ranks
+shards the model, and the groups replicate it (gradients are all-reduced across groups after
+the reduce-scatter within one). ``trainer.precision`` selects FSDP2's MixedPrecisionPolicy:
+the gathered copies (what forward and backward compute with, and what travels) are bf16 or
+fp16, gradients are reduced in fp32 and the sharded parameters the optimizer steps stay fp32.
 """
 from __future__ import annotations
 
 import contextlib
 
+import torch
+from omegaconf import DictConfig, OmegaConf
+
 from disttrain.memory.checkpointing import find_blocks
+from disttrain.parallel import mesh as mesh_mod
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate, samples_of
 from disttrain.strategies.capabilities import Capabilities
+
+_PARAM_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def mixed_precision(mode: str, root: bool):
+    """FSDP2's policy for ``trainer.precision``: parameters gathered (and computed on) in the
+    low dtype, reductions in fp32; the root also returns fp32 outputs, so the loss is fp32.
+    The engine's autocast still runs around forward: it picks per-op precision (fp32 for
+    the ops it keeps in fp32) and fp16 keeps the engine's loss scaler."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = _PARAM_DTYPES[mode]
+    if dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                output_dtype=torch.float32 if root else None)
+
+
+def check_reshard(value, shard: int):
+    """``strategy.reshard_after_forward``: a bool, or the size of the smaller groups each
+    parameter stays sharded over between forward and backward (FSDP2: a divisor of the
+    shard group size, so the backward all-gather runs within groups of that many ranks)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and 2 <= value <= shard and shard % value == 0:
+        return value
+    raise ValueError(f"strategy.reshard_after_forward={value!r} must be true, false or an integer >= 2 dividing "
+                     f"the shard group size dist.dp_shard={shard} (keep parameters sharded over groups of "
+                     "that many ranks after forward)")
+
+
+def _check_offload(cfg: DictConfig) -> None:
+    """CPU offload keeps parameter and gradient shards in host memory; NCCL cannot reduce host
+    tensors, so the global-norm clip and the fp16 scaler's inf check (both collectives over
+    those shards) have no backend there."""
+    from disttrain.distributed.process_group import resolve_backend
+    from disttrain.strategies.precision import configured
+
+    backend = resolve_backend(str(OmegaConf.select(cfg, "dist.backend", default="auto")))
+    if backend != "nccl":
+        return
+    if OmegaConf.select(cfg, "trainer.grad_clip", default=None) is not None:
+        raise ValueError("strategy.cpu_offload=true with trainer.grad_clip under dist.backend=nccl: the clip norm "
+                         "is reduced over CPU-held gradient shards, which NCCL cannot; unset trainer.grad_clip")
+    if configured(cfg) == "fp16":
+        raise ValueError("strategy.cpu_offload=true with trainer.precision=fp16 under dist.backend=nccl: the loss "
+                         "scaler's inf check is reduced over CPU-held gradients, which NCCL cannot; use bf16")
 
 
 class FSDP(Strategy):
     """``fully_shard`` per block and on the root (the layout torchtitan uses)."""
 
-    # Precision comes from the engine's autocast (fp32 parameters, reductions and master
-    # weights, like DDP here); FSDP2's MixedPrecisionPolicy (bf16 all-gathers) is not wired yet.
     capabilities = Capabilities(
         activation_offload=("none",),
         why={"activation_offload": "its saved-tensor hooks crash FSDP2's backward (a segfault on torch 2.13, gloo); "
                                    "use memory.activation_checkpointing instead"})
 
-    def __init__(self, reshard_after_forward: bool = True):
+    def __init__(self, reshard_after_forward: bool | int = True, cpu_offload: bool = False):
         self.reshard_after_forward = reshard_after_forward
+        self.cpu_offload = cpu_offload
+
+    @classmethod
+    def degrees(cls, cfg: DictConfig, world_size: int) -> tuple[int, int]:
+        """(dp_replicate, dp_shard) of this run; fsdp splits the world over dp only."""
+        degrees = mesh_mod.resolve_degrees(cfg, world_size, split_axis="dp")
+        if degrees.pp != 1 or degrees.tp != 1:
+            raise ValueError(f"dist.pp={degrees.pp} x dist.tp={degrees.tp}: strategy=fsdp shards over data "
+                             "parallelism only (dist.dp_replicate x dist.dp_shard); leave dist.pp and dist.tp unset")
+        return mesh_mod.resolve_dp_split(cfg, degrees.dp)
 
     @classmethod
     def validate(cls, cfg, world_size: int) -> None:
-        value = cfg.strategy.get("reshard_after_forward", True)
-        # FSDP2 also takes an int (reshard to a smaller group); not offered until a test runs it.
-        if not isinstance(value, bool):
-            raise ValueError(f"strategy.reshard_after_forward={value!r} must be true or false "
-                             "(free the gathered parameters after forward, or keep them for backward)")
+        _, shard = cls.degrees(cfg, world_size)
+        check_reshard(cfg.strategy.get("reshard_after_forward", True), shard)
+        offload = cfg.strategy.get("cpu_offload", False)
+        if not isinstance(offload, bool):
+            raise ValueError(f"strategy.cpu_offload={offload!r} must be true or false")
+        if offload:
+            _check_offload(cfg)
 
     def setup(self, ctx: SetupContext) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         self.world = ctx.world
-        mesh = init_device_mesh(ctx.device.type, (ctx.world.world_size,), mesh_dim_names=("dp_shard",))
+        self.replicate, self.shard = self.degrees(ctx.cfg, ctx.world.world_size)
+        reshard = check_reshard(self.reshard_after_forward, self.shard)
+        mesh = mesh_mod.build_dp_mesh(ctx.device, self.replicate, self.shard)
+        # Pinned host memory needs an accelerator; on a CPU-only run the shards are host memory anyway.
+        offload = CPUOffloadPolicy(pin_memory=ctx.device.type != "cpu") if self.cpu_offload else OffloadPolicy()
+        mode = ctx.settings.precision
         # Activation checkpointing / offload wrap the blocks first, then fully_shard: the
         # order torchtitan applies them in (the recomputed forward all-gathers again).
         module = ctx.apply_memory(ctx.model.meta())
@@ -50,14 +121,21 @@ class FSDP(Strategy):
         except ValueError:
             blocks = []  # no repeated blocks: the root alone is one shard group
         for block in blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(module, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        self.model = ctx.model.materialize_in_place(module, ctx.device)
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload,
+                        mp_policy=mixed_precision(mode, root=False))
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload,
+                    mp_policy=mixed_precision(mode, root=True))
+        # CPU offload: FSDP2 wants the shards materialized in host memory.
+        self.model = ctx.model.materialize_in_place(module, "cpu" if self.cpu_offload else ctx.device)
+
+    def communicated_module(self):
+        """The FSDP2 root: the observer times its all-gathers and reduce-scatters."""
+        return self.model
 
     @contextlib.contextmanager
     def _no_sync(self):
-        """FSDP2's no_sync: each rank accumulates its full, unreduced gradients; the last
-        micro-step reduce-scatters once."""
+        """FSDP2's no_sync: each rank accumulates its full, unreduced gradients (in fp32 under
+        a low-precision policy); the last micro-step reduce-scatters once."""
         self.model.set_requires_gradient_sync(False)
         try:
             yield
@@ -68,4 +146,3 @@ class FSDP(Strategy):
         loss = accumulate(self.model, micro_batches, loss_fn, no_sync=self._no_sync,
                           autocast=precision.autocast, scale=precision.scale)
         return StepStats(loss=loss, samples=samples_of(micro_batches))
-

@@ -61,12 +61,40 @@ def test_shards_hold_the_unsplit_initial_values():
         assert out[0]["local"]["0.weight"] == total["0.weight"] // 2
 
 
-def test_reshard_after_forward_must_be_a_bool():
+def test_reshard_after_forward_is_a_bool_or_a_divisor_of_the_shard_group():
     import pytest
     from omegaconf import OmegaConf
 
     from disttrain.strategies.fsdp import FSDP
 
-    FSDP.validate(OmegaConf.create({"strategy": {"reshard_after_forward": False}}), 2)
-    with pytest.raises(ValueError, match=r"strategy.reshard_after_forward=2 must be true or false"):
-        FSDP.validate(OmegaConf.create({"strategy": {"reshard_after_forward": 2}}), 2)
+    def cfg(value, **dist):
+        return OmegaConf.create({"strategy": {"reshard_after_forward": value}, "dist": dist})
+
+    FSDP.validate(cfg(False), 2)
+    FSDP.validate(cfg(2), 4)
+    FSDP.validate(cfg(2, dp_replicate=2, dp_shard=4), 8)
+    for value, world in ((3, 4), (1, 4), (4, 2), ("2", 4)):
+        with pytest.raises(ValueError, match=r"strategy.reshard_after_forward=.* must be true, false or an integer"):
+            FSDP.validate(cfg(value), world)
+    with pytest.raises(ValueError, match=r"dist.dp_shard=2"):  # the shard group, not the world
+        FSDP.validate(cfg(4, dp_replicate=2), 4)
+
+
+def test_hsdp_degrees_must_multiply_to_the_data_parallel_degree():
+    import pytest
+    from omegaconf import OmegaConf
+
+    from disttrain.strategies.fsdp import FSDP
+
+    def degrees(world, **dist):
+        return FSDP.degrees(OmegaConf.create({"dist": dist}), world)
+
+    assert degrees(4) == (1, 4)
+    assert degrees(4, dp_replicate=2) == degrees(4, dp_shard=2) == (2, 2)
+    assert degrees(8, dp=8, dp_replicate=2, dp_shard=4) == (2, 4)
+    for dist, match in (({"dp_replicate": 3}, "dist.dp_replicate=3 does not divide"),
+                        ({"dp_replicate": 2, "dp_shard": 4}, "dist.dp_replicate=2 x dist.dp_shard=4 = 8"),
+                        ({"dp_shard": 0}, "dist.dp_shard=0 must be an integer"),
+                        ({"tp": 2}, "strategy=fsdp shards over data parallelism only")):
+        with pytest.raises(ValueError, match=match):
+            degrees(4, **dist)

@@ -41,7 +41,19 @@ def test_experiment_gpt_text_pairs_model_data_loss():
     ("optim._target_=torch.optim.NoSuchOptimizer", "optim._target_"),
     ("checkpoint.resume=/does/not/exist", "checkpoint.resume"),
     ("trainer.progress=fancy", "trainer.progress"),
+    ("dist.dp_shard=2", "dist.dp_shard"),  # HSDP degrees under the default strategy=ddp
 ])
 def test_bad_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(_compose(override), world_size=1)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["dist.dp_replicate=3"], "dist.dp_replicate"),
+    (["dist.dp_replicate=2", "dist.dp_shard=4"], "dist.dp_shard"),
+    (["strategy.reshard_after_forward=3"], "strategy.reshard_after_forward"),
+    (["strategy.cpu_offload=yes"], "strategy.cpu_offload"),
+])
+def test_bad_fsdp_degrees_are_refused_before_any_worker_starts(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(_compose("strategy=fsdp", *overrides), world_size=4)
