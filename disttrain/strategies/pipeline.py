@@ -90,6 +90,8 @@ class Pipeline(Strategy):
         self.clock = StageClock()
         for stage in self.stages:
             self.clock.watch(stage)
+            if SCHEDULES[self.schedule_name].v_shape:
+                schedules.allow_forward_only(stage)
         self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         self.schedule = self._make_schedule()
         self.counts = counts

@@ -147,3 +147,19 @@ def _ready_at(item: tuple[int, str, int], done: dict, num_stages: int) -> float 
     if any(n not in done for n in needs):
         return None
     return max((done[n] for n in needs), default=0.0)
+
+
+def allow_forward_only(stage) -> None:
+    """Let ``schedule.eval()`` run a V schedule: torch's runtime still hands a backward's input
+    gradient to the neighbouring stage on the same rank (stages p-1 and p) when there is no
+    backward, and the stage asserts. Without a backward there is nothing to hand over."""
+    get_output, set_input = stage.get_local_bwd_output, stage.set_local_bwd_input
+
+    def get_local_bwd_output(mb_index):
+        return get_output(mb_index) if stage.has_backward else ()
+
+    def set_local_bwd_input(outputs, mb_index):
+        if stage.has_backward:
+            set_input(outputs, mb_index)
+
+    stage.get_local_bwd_output, stage.set_local_bwd_input = get_local_bwd_output, set_local_bwd_input

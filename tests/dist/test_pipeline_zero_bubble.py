@@ -30,9 +30,20 @@ def _grad_cases(rank, world_size, cases):
         strategy = Pipeline(micro_batches=m, schedule=schedule, stages_per_rank=2)
         strategy.setup(chk.context(build, {}, batch_size=4 * m))
         micro = chk.batches(k, 4 * m)
-        out.append(chk.compare(strategy, build, micro, micro) | {"stages": strategy.stage_ids})
+        row = chk.compare(strategy, build, micro, micro) | {"stages": strategy.stage_ids}
+        with torch.no_grad():  # evaluation: forward only through the same schedule, a short last batch
+            x = micro[0][0][:4 * m - 1]
+            got = strategy.eval_outputs(x, chk_precision())
+            row["eval_diff"] = None if got is None else (got - build.full()(x)).abs().max().item()
+        out.append(row)
     dist_setup.teardown()
     return out
+
+
+def chk_precision():
+    from disttrain.strategies.precision import Precision
+
+    return Precision(32)
 
 
 def _check(results, cases, world):
@@ -42,7 +53,8 @@ def _check(results, cases, world):
         owner = 0 if SCHEDULES[schedule].v_shape else world - 1
         loss = rows[owner]
         assert loss["loss"] is not None and abs(loss["loss"] - loss["ref_loss"]) < TOL, (schedule, m, k, loss)
-        assert all(r["loss"] is None for j, r in enumerate(rows) if j != owner)
+        assert all(r["loss"] is None and r["eval_diff"] is None for j, r in enumerate(rows) if j != owner)
+        assert loss["eval_diff"] is not None and loss["eval_diff"] < TOL, (schedule, m, loss["eval_diff"])
         assert max(r["max_grad_diff"] for r in rows) < TOL, (schedule, m, k, [r["max_grad_diff"] for r in rows])
         names = [n for r in rows for n in r["names"]]
         assert len(names) == len(set(names)), schedule  # each parameter on one stage only
