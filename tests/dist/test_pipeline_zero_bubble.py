@@ -125,3 +125,32 @@ def test_dp2_x_pp2_sgd_steps_with_accumulation_and_clipping_equal_one_process(sc
         got_norm, ref_norm = reporting[0][step][2:]
         assert abs(replica_mean - reporting[0][step][1]) < TOL, (schedule, step)
         assert got_norm == pytest.approx(ref_norm, rel=1e-5) and ref_norm > 0.1  # clipping acted
+
+
+# ------------------------------------------------------------------ validation
+@pytest.mark.parametrize("overrides,world,key", [
+    (["strategy.schedule=zbv"], 2, "strategy.schedule=zbv needs strategy.stages_per_rank=2"),
+    (["strategy.schedule=zbv", "strategy.stages_per_rank=3", "model.depth=7"], 2, "strategy.stages_per_rank=2"),
+    (["strategy.schedule=interleaved_zb"], 2, "strategy.stages_per_rank>=2"),
+    (["strategy.schedule=interleaved_zb", "strategy.stages_per_rank=2", "strategy.micro_batches=9",
+      "data.batch_size=36", "model.depth=7"], 4, "strategy.micro_batches=9 must be a multiple of dist.pp=4"),
+    (["strategy.schedule=dualpipev", "strategy.stages_per_rank=2", "strategy.micro_batches=2"], 2,
+     "strategy.micro_batches=2 < 4 stages"),
+    (["strategy.schedule=zbv", "strategy.stages_per_rank=2", "trainer.compile=true"], 2, "trainer.compile"),
+])
+def test_bad_zero_bubble_settings_are_rejected_before_training(overrides, world, key):
+    from hydra import compose, initialize_config_dir
+
+    from disttrain.config.errors import ConfigError
+    from disttrain.config.resolvers import config_dir
+    from disttrain.engine.preflight import validate
+
+    if "dualpipev" in overrides[0] and "dualpipev" not in SCHEDULES:
+        pytest.skip("this torch has no ScheduleDualPipeV")
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["strategy=pipeline", *overrides])
+        fixed = compose(config_name="config", overrides=["strategy=pipeline", "strategy.schedule=zbv",
+                                                         "strategy.stages_per_rank=2"])
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
+        validate(cfg, world_size=world)
+    validate(fixed, world_size=2)  # the fix the message names is accepted
