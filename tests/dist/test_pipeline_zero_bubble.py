@@ -78,7 +78,11 @@ def test_zero_bubble_schedules_on_four_ranks_equal_unsplit_model():
     _check(spawn(_grad_cases, 4, CASES_4, timeout=300), CASES_4, 4)
 
 
-def _sgd_steps(rank, world_size, schedule):
+def _sgd_runs(rank, world_size, names):
+    return {name: _sgd_steps(name) for name in names}
+
+
+def _sgd_steps(schedule):
     """dp=2 x pp=2, 2 accumulation steps of 2 micro-batches, clipping, 3 SGD steps through the
     run's engine; the reference is one process on the global batch (both replicas' data)."""
     from disttrain.distributed import process_group as dist_setup
@@ -87,7 +91,7 @@ def _sgd_steps(rank, world_size, schedule):
 
     import _pipeline_checks as chk
 
-    dist_setup.init(env.detect(), "gloo", 60)
+    dist_setup.init(env.detect(), "gloo", 60)  # one process group per schedule: fresh p2p state
     build = chk.mlp(3)
     strategy = Pipeline(micro_batches=4, schedule=schedule, stages_per_rank=2)
     strategy.setup(chk.context(build, {"dp": 2, "pp": 2}, batch_size=8))
@@ -113,9 +117,17 @@ def _sgd_steps(rank, world_size, schedule):
     return {"diff": diff, "moved": moved, "losses": losses}
 
 
-@pytest.mark.parametrize("schedule", ["zbv", "interleaved_zb"])
-def test_dp2_x_pp2_sgd_steps_with_accumulation_and_clipping_equal_one_process(schedule):
-    results = spawn(_sgd_steps, 4, schedule, timeout=300)
+SGD_SCHEDULES = ["zbv", "interleaved_zb"]
+
+
+@pytest.fixture(scope="module")
+def sgd_runs():
+    return spawn(_sgd_runs, 4, SGD_SCHEDULES, timeout=300)  # one 4-rank spawn for both
+
+
+@pytest.mark.parametrize("schedule", SGD_SCHEDULES)
+def test_dp2_x_pp2_sgd_steps_with_accumulation_and_clipping_equal_one_process(sgd_runs, schedule):
+    results = [r[schedule] for r in sgd_runs]
     assert max(r["diff"] for r in results) < TOL, [r["diff"] for r in results]
     assert min(r["moved"] for r in results) > 1e-3  # the weights did train
     reporting = [r["losses"] for r in results if r["losses"][0][0] is not None]
