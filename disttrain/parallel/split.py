@@ -109,11 +109,14 @@ def union(modules: list[nn.Sequential]) -> nn.Sequential:
     return nn.Sequential(OrderedDict(item for module in modules for item in module.named_children()))
 
 
-def check_ranks_hold_parameters(blocks: list[tuple[str, nn.Module]], counts: list[int], ranks: int) -> None:
-    """Every pipeline rank must own at least one parameter (stage s lives on rank s % ranks):
-    a rank of parameter-free layers (activations only) would have nothing to optimize."""
+def check_ranks_hold_parameters(blocks: list[tuple[str, nn.Module]], counts: list[int], ranks: int,
+                                rank_of: Callable[[int], int] | None = None) -> None:
+    """Every pipeline rank must own at least one parameter (stage s lives on rank
+    ``rank_of(s)``, default s % ranks): a rank of parameter-free layers (activations only)
+    would have nothing to optimize."""
+    rank_of = rank_of or (lambda s: s % ranks)
     for rank in range(ranks):
-        owned = [stage_module(blocks, counts, s) for s in range(rank, len(counts), ranks)]
+        owned = [stage_module(blocks, counts, s) for s in range(len(counts)) if rank_of(s) == rank]
         if not any(p.numel() for m in owned for p in m.parameters()):
             raise ValueError(f"with layer counts {counts} pipeline rank {rank} holds only parameter-free "
                              "layers: use fewer stages (dist.pp / strategy.stages_per_rank) or an explicit "

@@ -32,7 +32,9 @@ class StageClock:
 
     def watch(self, stage) -> None:
         index = int(stage.stage_index)
-        for name, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B")):
+        # zero-bubble schedules run a backward as backward_one_chunk (input gradients only)
+        # plus backward_weight_one_chunk (weight gradients): both are busy time
+        for name, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B"), ("backward_weight_one_chunk", "W")):
             setattr(stage, name, self._timed(getattr(stage, name), index, kind))
 
     def _timed(self, method, index: int, kind: str):

@@ -1,7 +1,8 @@
 """Pipeline parallelism through torch.distributed.pipelining: the model (an nn.Sequential)
 is cut into balanced stages, one (or ``stages_per_rank``) per pipeline rank, and a torch
-schedule (GPipe, 1F1B, interleaved 1F1B) runs the micro-batches; ``dist.dp`` replicas of
-the whole pipeline average their gradients once per optimizer step.
+schedule (GPipe, 1F1B, interleaved 1F1B, the zero-bubble ones: see pipeline_schedules)
+runs the micro-batches; ``dist.dp`` replicas of the whole pipeline average their gradients
+once per optimizer step.
 
 Gradient scaling: torch's schedules divide gradients by the micro-batch count by default
 (``scale_grads=True``). We turn that off and divide each micro-batch loss by
@@ -17,16 +18,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 from torch.distributed.checkpoint.state_dict import StateDictOptions
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import PipelineStage
 
 from disttrain.distributed import comm
 from disttrain.parallel import mesh as mesh_mod, split
 from disttrain.parallel.materialize import factory_from_config, scratch_copy
-from disttrain.parallel.timing import StageClock, stage_report, theory_bubble
+from disttrain.parallel.timing import StageClock, stage_report
+from disttrain.strategies import pipeline_schedules as schedules
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, samples_of
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+SCHEDULES = schedules.SCHEDULES
 
 
 def _balance_value(balance: Any) -> Any:
@@ -58,7 +60,8 @@ class Pipeline(Strategy):
         if stages > len(blocks):
             raise ValueError(f"dist.pp={degrees.pp} x strategy.stages_per_rank={s.stages_per_rank} = {stages} "
                              f"stages but the model has only {len(blocks)} layers: use fewer stages or a deeper model.")
-        check_balance(blocks, _balance_value(s.balance), degrees.pp, stages)
+        check_balance(blocks, _balance_value(s.balance), degrees.pp, stages,
+                      lambda stage: schedules.rank_of_stage(s.schedule, stage, degrees.pp))
 
     # ---------------------------------------------------------------- set-up
     def setup(self, ctx: SetupContext) -> None:
@@ -71,9 +74,9 @@ class Pipeline(Strategy):
         blocks = split.blocks_of(ctx.model.meta())  # nothing allocated yet
         counts = split.stage_counts(blocks, num_stages, self.balance, lambda: self._sample(ctx), self._agree,
                                     materialize=lambda m: scratch_copy(m, ctx.device))
-        split.check_ranks_hold_parameters(blocks, counts, self.degrees.pp)
-        # Stage s lives on pipeline rank s % pp (the looped placement interleaving expects).
-        self.stage_ids = [self.pp_rank + j * self.degrees.pp for j in range(self.stages_per_rank)]
+        split.check_ranks_hold_parameters(blocks, counts, self.degrees.pp, self._rank_of)
+        # Looped placement (stage s on rank s % pp) or, for ZBV / DualPipeV, the V.
+        self.stage_ids = schedules.stage_ids(self.schedule_name, self.pp_rank, self.degrees.pp, self.stages_per_rank)
         # Only this rank's stages get storage; each keeps the unsplit FQNs ("3.weight").
         modules = [ctx.apply_memory(ctx.model.materialize(split.stage_module(blocks, counts, s), ctx.device))
                    for s in self.stage_ids]
@@ -87,14 +90,19 @@ class Pipeline(Strategy):
         self.clock = StageClock()
         for stage in self.stages:
             self.clock.watch(stage)
+            if SCHEDULES[self.schedule_name].v_shape:
+                schedules.allow_forward_only(stage)
         self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         self.schedule = self._make_schedule()
         self.counts = counts
 
     def _make_schedule(self):
-        cls = SCHEDULES[self.schedule_name]
-        stages = self.stages if self.schedule_name == "interleaved_1f1b" else self.stages[0]
+        cls = schedules.schedule_class(self.schedule_name)
+        stages = self.stages if SCHEDULES[self.schedule_name].multi else self.stages[0]
         return cls(stages, n_microbatches=self.micro_batches, loss_fn=self._micro_loss, scale_grads=False)
+
+    def _rank_of(self, stage: int) -> int:
+        return schedules.rank_of_stage(self.schedule_name, stage, self.degrees.pp)
 
     def _sample(self, ctx: SetupContext) -> torch.Tensor:
         dataset = ctx.build_dataset()
@@ -133,8 +141,8 @@ class Pipeline(Strategy):
         return StepStats(loss=total, samples=samples, extra=dict(self.last_report))
 
     def _theory(self) -> float:
-        chunks = self.stages_per_rank if self.schedule_name == "interleaved_1f1b" else 1
-        return theory_bubble(self.degrees.pp, self.micro_batches, chunks)
+        return schedules.theory(self.schedule_name, self.schedule, self.degrees.pp, self.micro_batches,
+                                self.stages_per_rank)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -212,20 +220,10 @@ def check_pipeline_settings(micro_batches: Any, schedule: Any, stages_per_rank: 
     if batch_size % micro_batches:
         raise ValueError(f"data.batch_size={batch_size} is not divisible by {prefix}micro_batches="
                          f"{micro_batches}: choose a batch size that is a multiple of the micro-batch count.")
-    if stages_per_rank > 1 and schedule != "interleaved_1f1b":
-        raise ValueError(f"{prefix}stages_per_rank={stages_per_rank} needs {prefix}schedule=interleaved_1f1b "
-                         "(GPipe and 1F1B run one stage per rank).")
-    if schedule == "1f1b" and micro_batches < pp:
-        raise ValueError(f"{prefix}micro_batches={micro_batches} < dist.pp={pp}: 1F1B needs at least one "
-                         f"micro-batch per stage; raise {prefix}micro_batches or use {prefix}schedule=gpipe.")
-    if schedule == "interleaved_1f1b":
-        rounds = max(1, micro_batches // pp)
-        if micro_batches % rounds:
-            raise ValueError(f"{prefix}micro_batches={micro_batches} must be a multiple of dist.pp={pp} "
-                             "(or smaller than it) for the interleaved 1F1B schedule.")
+    schedules.check_schedule(micro_batches, schedule, stages_per_rank, pp, prefix)
 
 
-def check_balance(blocks: list, balance: Any, ranks: int, stages: int) -> None:
+def check_balance(blocks: list, balance: Any, ranks: int, stages: int, rank_of=None) -> None:
     """strategy.balance is well formed and (where the split is known before training) gives
     every pipeline rank some parameters."""
     if isinstance(balance, str) and balance not in ("params", "time"):
@@ -233,7 +231,7 @@ def check_balance(blocks: list, balance: Any, ranks: int, stages: int) -> None:
     if balance == "time":
         return  # measured on the workers; setup checks the result
     counts = split.stage_counts(blocks, stages, balance)
-    split.check_ranks_hold_parameters(blocks, counts, ranks)
+    split.check_ranks_hold_parameters(blocks, counts, ranks, rank_of)
 
 
 def build_blocks(cfg: DictConfig) -> list:

@@ -27,6 +27,8 @@ STRATEGIES = {
     "ddp": (["strategy=ddp"], "split"),
     "fsdp": (["strategy=fsdp"], "split"),
     "pipeline": (["strategy=pipeline", "strategy.micro_batches=2", "strategy.schedule=1f1b"], "whole"),
+    "zbv": (["strategy=pipeline", "strategy.micro_batches=2", "strategy.schedule=zbv", "strategy.stages_per_rank=2"],
+            "whole"),
     "layer": (["strategy=model_parallel", "strategy.mode=layer"], "whole"),
     "tensor": (["strategy=model_parallel", "strategy.mode=tensor"], "whole"),
 }
