@@ -205,7 +205,8 @@ class DisttrainConfig:
 
 
 SECTIONS = {"dist": DistConfig, "trainer": TrainerConfig, "checkpoint": CheckpointConfig, "memory": MemoryConfig,
-            "compile": CompileConfig, "fault": FaultConfig, "sweep": SweepConfig, "metrics": MetricsConfig, "plan": PlanConfig}
+            "compile": CompileConfig, "fault": FaultConfig, "sweep": SweepConfig, "metrics": MetricsConfig,
+            "plan": PlanConfig}
 
 
 def section(cfg: DictConfig | None, name: str):

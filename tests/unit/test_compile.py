@@ -43,7 +43,8 @@ def test_no_cxx_compiler_is_one_line_naming_the_key_and_the_fix(monkeypatch):
 
 def test_no_python_headers_is_refused(monkeypatch, tmp_path):
     real = sysconfig.get_path
-    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(tmp_path) if name == "include" else real(name, *a, **k))
+    monkeypatch.setattr(sysconfig, "get_path",
+                        lambda name, *a, **k: str(tmp_path) if name == "include" else real(name, *a, **k))
     with pytest.raises(ConfigError, match=r"Python's C headers .*python3-dev.*trainer.compile=false"):
         compile_.validate(_cfg())
 
