@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	@# trainer.compile=true on CPU (and its tests) builds C++ kernels: a compiler and Python's headers
+	@command -v "$${CXX:-g++}" >/dev/null 2>&1 || echo "setup: no C++ compiler ($${CXX:-g++}): trainer.compile=true and \
+	its tests need one (Debian/Ubuntu: apt-get install g++ python3-dev)" >&2
 	touch $@
 
 demo: setup

@@ -63,7 +63,8 @@ class TrainerConfig:
     stop_on_nonfinite: bool = True
     # clip gradients by global norm; null = off
     grad_clip: Optional[float] = None
-    # torch.compile per block; validated elsewhere
+    # torch.compile each block (options in the compile section); disttrain.engine.compile checks
+    # the platform (a C++ compiler for CPU inductor) before any worker starts
     compile: bool = False
 
 
@@ -89,6 +90,19 @@ class MemoryConfig:
     offload_dir: Optional[str] = None
     # smaller saved tensors stay where they are
     offload_min_bytes: int = 1024
+
+
+@dataclass
+class CompileConfig:
+    """Options of torch.compile, used when trainer.compile=true (README: Compile)."""
+
+    # inductor (generates C++ / Triton kernels) | aot_eager (traces, no compiler needed) | any
+    # other name in torch._dynamo.list_backends()
+    backend: str = "inductor"
+    # null = inductor's default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    mode: Optional[str] = None
+    # true: a graph break inside a block is an error instead of a silent eager fallback
+    fullgraph: bool = False
 
 
 @dataclass
@@ -187,6 +201,7 @@ class DisttrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -194,7 +209,8 @@ class DisttrainConfig:
 
 
 SECTIONS = {"dist": DistConfig, "trainer": TrainerConfig, "checkpoint": CheckpointConfig, "memory": MemoryConfig,
-            "fault": FaultConfig, "sweep": SweepConfig, "metrics": MetricsConfig, "plan": PlanConfig}
+            "compile": CompileConfig, "fault": FaultConfig, "sweep": SweepConfig, "metrics": MetricsConfig,
+            "plan": PlanConfig}
 
 
 def section(cfg: DictConfig | None, name: str):

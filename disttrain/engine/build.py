@@ -18,7 +18,7 @@ from disttrain.strategies.base import SelfStepping, SetupContext, Strategy
 
 def setup_context(cfg: DictConfig, world: World, device: torch.device, run_dir: Path | None) -> SetupContext:
     return SetupContext(world=world, device=device, model=builders.model_factory(cfg), cfg=cfg, run_dir=run_dir,
-                        settings=builders.train_settings(cfg), apply_memory=builders.memory_applier(cfg, run_dir),
+                        settings=builders.train_settings(cfg), apply_memory=builders.block_applier(cfg, run_dir),
                         build_optimizer=builders.optimizer_builder(cfg),
                         build_scheduler=builders.scheduler_builder(cfg),
                         build_dataset=lambda: builders.build_dataset(cfg))

@@ -46,6 +46,16 @@ def memory_applier(cfg: DictConfig, run_dir=None) -> Callable[[nn.Module], nn.Mo
     return lambda module: memory.apply(module, mem, run_dir)
 
 
+def block_applier(cfg: DictConfig, run_dir=None) -> Callable[[nn.Module], nn.Module]:
+    """What every strategy applies per block to the part it keeps (``SetupContext.apply_memory``):
+    the memory levers, then ``trainer.compile`` (so the compiled graph holds the recomputation,
+    and data-parallel wrappers such as FSDP2's ``fully_shard`` come after both)."""
+    from disttrain.engine.compile import compiler
+
+    levers, compile_ = memory_applier(cfg, run_dir), compiler(cfg)
+    return lambda module: compile_(levers(module))
+
+
 def train_settings(cfg: DictConfig) -> TrainSettings:
     """The step settings every strategy honours the same way (trainer.*)."""
     from disttrain.strategies.precision import configured

@@ -10,6 +10,7 @@ from disttrain import memory, observe
 from disttrain.config.errors import ConfigError
 from disttrain.config.validate import check_core, import_target
 from disttrain.data import loader
+from disttrain.engine import compile as compile_
 from disttrain.resilience import guard
 from disttrain.strategies import precision
 from disttrain.strategies.capabilities import refusal, requested
@@ -28,6 +29,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     strategy_cls = import_target(cfg.strategy._target_, "strategy")
     _check_capabilities(cfg, strategy_cls)
     try:
+        compile_.validate(cfg)  # after the strategy's refusal: that one is the better message
         strategy_cls.validate(cfg, world_size)
     except ConfigError:
         raise

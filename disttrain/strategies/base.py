@@ -62,8 +62,9 @@ class SetupContext:
     cfg: DictConfig                  # read by strategies only for their own section and dist.*
     run_dir: Path
     settings: TrainSettings = TrainSettings()
-    #: applies the ``memory`` section (activation checkpointing / offload) to a module whose
-    #: children are blocks; strategies call it on what they keep (a stage, the whole model).
+    #: applies the ``memory`` section (activation checkpointing / offload) and then
+    #: ``trainer.compile`` to a module whose children are blocks; strategies call it on what
+    #: they keep (a stage, the whole model), before any data-parallel wrapper.
     apply_memory: Callable[[nn.Module], nn.Module] = lambda module: module
     #: only for SelfStepping strategies, which build their own optimizer and scheduler.
     build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None

@@ -23,7 +23,7 @@ class Capabilities:
     activation_checkpointing: tuple[str, ...] = CHECKPOINTING
     activation_offload: tuple[str, ...] = OFFLOAD
     evaluation: bool = True
-    compile: bool = False
+    compile: bool = True
     why: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -45,7 +45,7 @@ _KEYS = {"precision": "trainer.precision", "grad_clip": "trainer.grad_clip", "gr
          "activation_checkpointing": "memory.activation_checkpointing",
          "activation_offload": "memory.activation_offload", "evaluation": "trainer.eval_every",
          "compile": "trainer.compile"}
-_WHY = {"compile": "torch.compile is not wired into the engine yet"}
+_WHY: dict[str, str] = {}
 _OFF = {"precision": "32", "grad_clip": None, "grad_accum": 1, "activation_checkpointing": "none",
         "activation_offload": "none", "evaluation": 0, "compile": False}
 

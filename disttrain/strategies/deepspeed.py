@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from disttrain.strategies import precision
 from disttrain.strategies import deepspeed_config
 from disttrain.strategies.base import Batch, LossFn, SelfStepping, SetupContext, StepStats
+from disttrain.strategies.capabilities import Capabilities
 from disttrain.strategies.deepspeed_init import build_partitioned
 
 log = logging.getLogger("disttrain")
@@ -58,6 +59,11 @@ class DeepSpeed(SelfStepping):
     """DeepSpeed engine with ZeRO stage 0-3 and optional optimizer offload to CPU. It owns
     its step; precision (bf16/fp16 sections) and clipping (``gradient_clipping``) come from
     ``trainer.precision`` and ``trainer.grad_clip`` like every other strategy's."""
+
+    capabilities = Capabilities(
+        compile=False,
+        why={"compile": "DeepSpeed's engine gathers ZeRO-3 partitions in hooks around each block and has its own "
+                        "engine.compile(); neither is wired to disttrain or tested with it"})
 
     def __init__(self, zero_stage: int = 2, offload_optimizer: str = "none", config: Any = None):
         self.zero_stage, self.offload_optimizer = int(zero_stage), str(offload_optimizer)

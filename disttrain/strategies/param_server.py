@@ -58,9 +58,11 @@ class ParamServer(SelfStepping):
     """
 
     capabilities = Capabilities(
-        precision=("32", "bf16"),
+        precision=("32", "bf16"), compile=False,
         why={"precision": "each worker would keep its own fp16 loss scale, so servers would apply "
-                          "gradients of different scales"})
+                          "gradients of different scales",
+             "compile": "not tested with the servers' weight pushes into the workers' model (no compile test "
+                        "covers this strategy yet)"})
 
     def __init__(self, num_servers: int = 1, max_staleness: int | None = 4, staleness_lr: str = "none",
                  debug_slow_workers: Any = (), debug_delay_s: float = 0.0, comm_timeout_s: float = 86400.0,

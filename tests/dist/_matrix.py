@@ -20,6 +20,7 @@ FEATURES = {
     "ac_full": ["memory.activation_checkpointing=full"],
     "ac_every_n": ["memory.activation_checkpointing=every_n", "memory.checkpoint_every=2"],
     "offload_disk": ["memory.activation_offload=disk", "memory.offload_min_bytes=0"],
+    "compile": ["trainer.compile=true"],   # CPU inductor, per block
 }
 
 #: strategy -> (overrides, how the global batch is shared: "split" over dp ranks or "whole")
@@ -84,11 +85,36 @@ def train(cfg, batches, run_dir: Path, world, device):
     """(strategy, engine, per-step extras) after STEPS steps of the run's own engine."""
     from disttrain.engine.build import build_engine
 
+    fresh_compiler(cfg)
     strategy, engine = build_engine(cfg, world, device, run_dir)
     loss_fn, extras = torch.nn.MSELoss(), []
     for micro in batches:
         extras.append(engine.train_step(micro, loss_fn).extra)
     return strategy, engine, extras
+
+
+def fresh_compiler(cfg) -> None:
+    """With trainer.compile, start each engine from empty torch.compile caches and counters, as a
+    run's own process does: the engines of one test process would otherwise share one cache per
+    block class (e.g. nn.Linear.forward) and reach dynamo's recompile limit, then run eager."""
+    if cfg.trainer.compile:
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.reset()
+        counters.clear()
+
+
+def compile_counts(strategy) -> dict[str, int]:
+    """Evidence that compile happened: blocks compiled, frames dynamo compiled (ok/total),
+    graph breaks, and inductor's generated graphs (compiled now or loaded from its cache)."""
+    from torch._dynamo.utils import counters
+
+    from disttrain.engine.compile import compiled_blocks
+
+    inductor = counters["inductor"]
+    return {"blocks": len(compiled_blocks(strategy.model)), "frames_ok": counters["frames"]["ok"],
+            "frames": counters["frames"]["total"], "graph_breaks": sum(counters["graph_break"].values()),
+            "inductor_graphs": sum(inductor[f"fxgraph_cache_{k}"] for k in ("miss", "hit", "bypass"))}
 
 
 def val_set():

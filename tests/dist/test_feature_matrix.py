@@ -47,6 +47,8 @@ def _run_matrix(rank, world_size, tmp):
             row = {"diff": mx.max_diff(got, {k: ref_w[k] for k in got}), "names": sorted(got),
                    "diff_fp32": mx.max_diff(got, {k: fp32_w[k] for k in got}),
                    "extra": extras[-1], "ref_extra": ref_extras[-1]}
+            if feature == "compile":
+                row["compiled"] = mx.compile_counts(strategy)
             if feature == "fp32":
                 row["local"] = sum(mx.full_or_local(p).numel() for p in strategy.model.parameters())
                 row["val"], row["ref_val"] = mx.validation(strategy, cfg, device), mx.validation(ref, ref_cfg, device)
@@ -124,3 +126,23 @@ def test_validation_loss_equals_single_on_the_same_weights(matrix, strategy):
 @pytest.mark.parametrize("feature", ["fp32", "fp16"])
 def test_checkpoint_resume_is_bitwise_equal_to_an_uninterrupted_run(matrix, strategy, feature):
     assert all(matrix[rank][strategy, feature]["resume_equal"] for rank in range(2)), (strategy, feature)
+
+
+@pytest.mark.parametrize("strategy", list(mx.STRATEGIES))
+def test_compile_really_compiles_and_equals_eager(matrix, strategy):
+    """trainer.compile=true: the blocks this rank keeps were compiled by inductor (dynamo
+    compiled frames, inductor produced graphs, no graph breaks), and the weights equal eager
+    single on the global batch (equality alone would also hold if compile did nothing)."""
+    if "refused" in matrix[0][strategy, "compile"]:
+        return
+    for rank in range(2):
+        row = matrix[rank][strategy, "compile"]
+        counts = row["compiled"]
+        assert counts["blocks"] > 0 and counts["frames_ok"] == counts["frames"] > 0, (strategy, rank, counts)
+        assert counts["graph_breaks"] == 0 and counts["inductor_graphs"] >= 2, (strategy, rank, counts)
+        assert row["diff_fp32"] < TOL, (strategy, rank, row["diff_fp32"])
+
+
+def test_compiled_single_reference_equals_eager_single(matrix):
+    compiled, eager = matrix[0]["single", "compile"]["weights"], matrix[0]["single", "fp32"]["weights"]
+    assert max((compiled[k] - eager[k]).abs().max().item() for k in eager) < TOL
