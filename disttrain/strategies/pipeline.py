@@ -56,8 +56,9 @@ class Pipeline(Strategy):
         check_pipeline_settings(s.micro_batches, s.schedule, s.stages_per_rank, degrees.pp,
                                 cfg.data.batch_size, "strategy.")
         if s.schedule in ("interleaved_zb", "zbv", "dualpipev") and cfg.trainer.get("compile", False):
-            raise ValueError(f"strategy.schedule={s.schedule} does not support trainer.compile=true: the zero-bubble "
-                             "schedules split each stage's backward in two, which torch rejects for compiled stages; "
+            raise ValueError(f"strategy=pipeline strategy.schedule={s.schedule} does not support "
+                             "trainer.compile=true: the zero-bubble schedules split each stage's backward in two, "
+                             "which torch rejects for compiled stages; "
                              "use strategy.schedule=1f1b (or gpipe, interleaved_1f1b), or trainer.compile=false.")
         blocks = build_blocks(cfg)
         stages = degrees.pp * s.stages_per_rank
