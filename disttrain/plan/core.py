@@ -7,9 +7,12 @@ import os
 import re
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from disttrain.plan import model as pm
+from disttrain.plan import sharded
+from disttrain.plan.model import human
+from disttrain.strategies.precision import configured
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -105,13 +108,6 @@ def _local_memory(nproc: int) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / nproc
 
 
-def human(nbytes: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{nbytes:.0f} B"
-
-
 def describe(cfg: DictConfig, facts: pm.ModelFacts, machine: pm.Machine, notes: dict) -> str:
     return (f"model {cfg.model._target_}: {facts.params:,} parameters, {facts.flops_per_sample:.4g} FLOPs/sample "
             f"(fwd+bwd), {human(facts.act_bytes_per_sample)} activations/sample\n"
@@ -119,7 +115,26 @@ def describe(cfg: DictConfig, facts: pm.ModelFacts, machine: pm.Machine, notes: 
             f"{human(machine.bandwidth)}/s, latency {machine.latency * 1e6:.0f} us ({notes['link']}); peak "
             f"{machine.peak_flops:.3g} FLOP/s/rank ({notes['peak']}); efficiency {machine.efficiency:.3f} ({notes['eff']})\n"
             f"batch {cfg.data.batch_size}/rank x accum {cfg.trainer.grad_accum_steps}; optimizer state "
-            f"{optimizer_bytes(cfg)} B/param")
+            f"{optimizer_bytes(cfg)} B/param; precision {configured(cfg)} (fsdp rows: {_fsdp_bytes(cfg)})")
+
+
+def _fsdp_bytes(cfg: DictConfig) -> str:
+    """The fsdp rows follow the run's precision; the others stay fp32 (said, not implied)."""
+    gather, reduce = sharded.dtype_bytes(configured(cfg))
+    return f"fp32 shards, {gather}-byte gathers, {reduce}-byte reductions"
+
+
+def sharded_layouts(cfg: DictConfig, nproc: int) -> list[sharded.Layout]:
+    """The FSDP rows: the run's strategy.reshard_after_forward / cpu_offload when it is
+    strategy=fsdp, and the degrees stated in dist.tp / dist.pp / dist.dp_replicate (or
+    dist.dp_shard); unstated ones default in ``sharded.layouts``."""
+    strategy = cfg.strategy if str(cfg.strategy.get("_target_", "")).endswith(".FSDP") else {}
+    dist = {key: OmegaConf.select(cfg, f"dist.{key}", default=None) for key in ("tp", "pp", "dp_replicate", "dp_shard")}
+    replicate = dist["dp_replicate"]
+    if replicate is None and dist["dp_shard"]:
+        replicate = max(nproc // (dist["tp"] or 1) // dist["dp_shard"], 1)
+    return sharded.layouts(nproc, dist["tp"], dist["pp"], replicate, strategy.get("reshard_after_forward", True),
+                           bool(strategy.get("cpu_offload", False)))
 
 
 def predictions(cfg: DictConfig, nproc: int) -> tuple[list[pm.Prediction], pm.ModelFacts, pm.Machine, dict]:
@@ -128,8 +143,8 @@ def predictions(cfg: DictConfig, nproc: int) -> tuple[list[pm.Prediction], pm.Mo
     facts = plan_probe.model_facts(cfg, int(cfg.data.batch_size))
     machine, notes = machine_from(cfg, facts, nproc, _threads(nproc))
     work = pm.Workload(int(cfg.data.batch_size), int(cfg.trainer.grad_accum_steps), int(cfg.plan.micro_batches),
-                       optimizer_bytes(cfg))
-    return pm.predict_all(facts, machine, work), facts, machine, notes
+                       optimizer_bytes(cfg), configured(cfg))
+    return pm.predict_all(facts, machine, work, sharded_layouts(cfg, nproc)), facts, machine, notes
 
 
 def check(cfg: DictConfig) -> None:

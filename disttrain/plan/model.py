@@ -5,7 +5,8 @@ Memory follows the ZeRO paper's accounting with fp32 training: parameters 4Ψ, g
 4Ψ, optimizer state KΨ bytes (K = 8 for Adam's two moments, 4 for momentum SGD, 0 for
 plain SGD), plus activations saved for backward. Step time = compute (model FLOPs over
 peak x efficiency) + communication (ring all-reduce 2(n-1)/n·S/B plus 2(n-1) latencies),
-and for pipelines the GPipe bubble (p-1)/(m+p-1).
+and for pipelines the GPipe bubble (p-1)/(m+p-1). The FSDP / HSDP / 2-D / 3-D rows
+(``plan.sharded``) follow ``trainer.precision`` as FSDP2 stores it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ class ModelFacts:
     boundary_bytes_per_sample: float  # one block's output: what crosses a pipeline/TP boundary
     blocks: int                    # repeated blocks (TP all-reduces per block)
     tp_replicated_act: float = 0.5  # share of activations tensor parallelism cannot shard
+    # FSDP units (the blocks fully_shard wraps): (params, tp-sharded Linear weights) each;
+    # () = `blocks` equal ones
+    units: tuple[tuple[int, int], ...] = ()
+    act_lowp_per_sample: float = 0.0  # activations under trainer.precision bf16/fp16 (0: as fp32)
 
 
 @dataclasses.dataclass
@@ -41,6 +46,7 @@ class Workload:
     accum: int = 1
     micro_batches: int = 8         # pipeline m
     optim_bytes: int = 8           # K
+    precision: str = "32"          # trainer.precision: 32 | bf16 | fp16
 
 
 @dataclasses.dataclass
@@ -70,6 +76,14 @@ class Prediction:
     @property
     def samples_per_s(self) -> float:
         return self.samples_per_step / self.step_s if self.step_s > 0 else 0.0
+
+
+def human(nbytes: float) -> str:
+    """Bytes as the table prints them (powers of ten, three digits)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def allreduce_s(nbytes: float, n: int, machine: Machine) -> float:
@@ -161,11 +175,15 @@ def param_server(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     return pred
 
 
-def predict_all(m: ModelFacts, machine: Machine, w: Workload) -> list[Prediction]:
+def predict_all(m: ModelFacts, machine: Machine, w: Workload, layouts=None) -> list[Prediction]:
     """Every strategy at ``machine.nproc`` ranks (plus the one-rank reference); marks those
-    over ``device_memory``."""
+    over ``device_memory``. ``layouts``: the sharded (FSDP) rows; None = the default ones."""
+    from disttrain.plan import sharded
+
     preds = [single(m, machine, w), _data_parallel("ddp", 0, m, machine, w)]
     preds += [_data_parallel(f"zero{s}", s, m, machine, w) for s in (1, 2, 3)]
+    chosen = sharded.layouts(machine.nproc) if layouts is None else layouts
+    preds += [sharded.predict(m, machine, w, layout) for layout in chosen]
     preds += [pipeline(m, machine, w), tensor_parallel(m, machine, w), param_server(m, machine, w)]
     for pred in preds:
         if pred.memory_b > machine.device_memory:

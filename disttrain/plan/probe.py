@@ -7,6 +7,7 @@ meta device's decomposed attention, and real is what the plan must predict.
 """
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import time
@@ -18,8 +19,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from disttrain.engine import builders
+from disttrain.memory.checkpointing import find_blocks
 from disttrain.observe.flops import count_train_flops
 from disttrain.plan.model import ModelFacts
+from disttrain.strategies.precision import configured
 
 SMALL_MODEL_BYTES = 256 << 20  # measure activations on CPU below this, on meta above
 
@@ -65,7 +68,8 @@ def model_facts(cfg: DictConfig, batch: int) -> ModelFacts:
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         meta = build()
     params = sum(p.numel() for p in meta.parameters())
-    linear = sum(m.weight.numel() for m in meta.modules() if isinstance(m, nn.Linear))
+    sharded = _tp_sharded(meta)
+    linear = _linear_params(meta, sharded)
     device = "cpu" if 4 * params < SMALL_MODEL_BYTES else "meta"
     with torch.random.fork_rng(devices=[]):
         model = build().to(device) if device == "cpu" else meta
@@ -73,9 +77,57 @@ def model_facts(cfg: DictConfig, batch: int) -> ModelFacts:
     saved = _saved_bytes(model, x, y, loss_fn) * batch
     blocks, boundary = _blocks_and_boundary(model, x)
     flops = count_train_flops(build, (inputs, targets), loss_fn)
+    low = configured(cfg)
+    lowp = _lowp_saved_bytes(model, x, y, loss_fn, low) if low != "32" else 0
     return ModelFacts(params=params, linear_params=linear, flops_per_sample=flops / batch,
                       act_bytes_per_sample=saved / batch, boundary_bytes_per_sample=boundary, blocks=blocks,
-                      tp_replicated_act=_tp_replicated(cfg))
+                      tp_replicated_act=_tp_replicated(cfg), units=fsdp_units(meta, sharded), act_lowp_per_sample=lowp)
+
+
+def _tp_sharded(model: nn.Module) -> set[int]:
+    """ids of the Linear layers tensor parallelism splits: the reference models' plan (an odd
+    last Linear, embeddings and the LM head stay replicated); other models: every Linear."""
+    from disttrain.parallel.tensor import plan_for
+
+    try:
+        return {id(model.get_submodule(name)) for name in plan_for(model)}
+    except ValueError:
+        return {id(m) for m in model.modules() if isinstance(m, nn.Linear)}
+
+
+def _linear_params(module: nn.Module, sharded: set[int]) -> int:
+    return sum(m.weight.numel() for m in module.modules() if id(m) in sharded)
+
+
+def fsdp_units(model: nn.Module, sharded: set[int]) -> tuple[tuple[int, int], ...]:
+    """(params, tp-sharded Linear weights) of each module strategy=fsdp wraps on its own: the
+    blocks ``find_blocks`` returns (the root holds the rest); none found, the root is one."""
+    try:
+        blocks = find_blocks(model)
+    except ValueError:
+        blocks = [model]
+    sizes = [(sum(p.numel() for p in b.parameters()), _linear_params(b, sharded)) for b in blocks]
+    return tuple(size for size in sizes if size[0])
+
+
+class _Fp32Output(nn.Module):
+    """The root's ``output_dtype=float32``: the loss sees fp32 outputs."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).float()
+
+
+def _lowp_saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, mode: str) -> float:
+    """Saved bytes of one sample as FSDP2's MixedPrecisionPolicy runs the model: parameters
+    and floating inputs in bf16/fp16, outputs cast back to fp32 for the loss."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    low = copy.deepcopy(model).to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    return float(_saved_bytes(_Fp32Output(low), x, y, loss_fn))
 
 
 def _tp_replicated(cfg: DictConfig) -> float:
