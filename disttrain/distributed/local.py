@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from disttrain.distributed import forkserver
 from disttrain.distributed.process_group import free_port
 
 log = logging.getLogger("disttrain")
@@ -37,8 +38,9 @@ def launch_local(cfg: DictConfig, run_dir: Path, entry: Callable[[DictConfig, Pa
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"dev-{run_dir.name}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_configs={"timeout": 120},
-        max_restarts=int(cfg.dist.get("max_restarts", 0)), start_method="spawn", monitor_interval=0.1,
+        max_restarts=int(cfg.dist.get("max_restarts", 0)), start_method=forkserver.start_method(), monitor_interval=0.1,
     )
+    forkserver.context(entry.__module__)  # the workers fork from a server that imported the engine once
     container = OmegaConf.to_container(cfg, resolve=True)
     log.info("starting %d local workers (dev run); run dir %s", nproc, run_dir)
     results = elastic_launch(config, _worker)(entry, container, str(run_dir))

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from disttrain.distributed import forkserver
 from disttrain.distributed.process_group import free_port
 
 log = logging.getLogger("disttrain")
@@ -33,7 +34,7 @@ class RankFailed(RuntimeError):
 
 def _child(entry: Callable[[DictConfig, Path], dict], container: dict, run_dir: str, env: dict[str, str],
            results) -> None:
-    """One rank (module level: it must pickle for the spawn start method)."""
+    """One rank (module level: it must pickle)."""
     os.environ.update(env)
     result = entry(OmegaConf.create(container), Path(run_dir))
     if env["RANK"] == "0":
@@ -54,7 +55,7 @@ def launch_tolerant(cfg: DictConfig, run_dir: Path, entry: Callable[[DictConfig,
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     container = OmegaConf.to_container(cfg, resolve=True)
     restarts = int(cfg.dist.get("max_restarts", 0))
-    context = multiprocessing.get_context("spawn")
+    context = forkserver.context(entry.__module__)
     log.info("starting %d local ranks (dev run; ranks %s may fail without stopping the job); run dir %s",
              nproc, sorted(expendable), run_dir)
     for attempt in range(restarts + 1):
