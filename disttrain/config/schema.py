@@ -40,8 +40,9 @@ class DistConfig:
     dp: Optional[int] = None
     pp: Optional[int] = None
     tp: Optional[int] = None
-    # strategy=fsdp only (HSDP): dist.dp = dp_replicate x dp_shard, replicate across groups
-    # of dp_shard ranks that each shard the model; null = derive (both null: shard over all)
+    # strategy=fsdp or strategy=pipeline strategy.data_parallel=shard (HSDP): dist.dp =
+    # dp_replicate x dp_shard, replicate across groups of dp_shard ranks that each shard the
+    # model; null = derive (both null: shard over all)
     dp_replicate: Optional[int] = None
     dp_shard: Optional[int] = None
 

@@ -70,8 +70,12 @@ def check_core(cfg: DictConfig) -> None:
 def _check_hsdp_keys(cfg: DictConfig) -> None:
     """dist.dp_replicate / dist.dp_shard split FSDP's data parallelism; elsewhere they would be ignored."""
     keys = [key for key in ("dist.dp_replicate", "dist.dp_shard") if OmegaConf.select(cfg, key) is not None]
-    if keys and not str(cfg.strategy._target_).startswith("disttrain.strategies.fsdp."):
-        raise ConfigError(f"{' and '.join(keys)} (HSDP) apply only to strategy=fsdp: unset them, or use dist.dp.")
+    target = str(cfg.strategy._target_)
+    sharded_pipeline = target.startswith("disttrain.strategies.pipeline.") and \
+        cfg.strategy.get("data_parallel", "replicate") == "shard"
+    if keys and not (target.startswith("disttrain.strategies.fsdp.") or sharded_pipeline):
+        raise ConfigError(f"{' and '.join(keys)} (HSDP) apply only to strategy=fsdp or strategy=pipeline "
+                          "strategy.data_parallel=shard: unset them, or use dist.dp.")
 
 
 def planned_world_size(cfg: DictConfig) -> int:

@@ -1,9 +1,13 @@
 """Gradient clipping by the global norm of the whole model, whatever holds which part.
 
-The norm must equal the unsplit model's: a tensor-parallel shard contributes its share
-(DTensor reductions sum over the shards), a replicated parameter counts once, and each
+The norm must equal the unsplit model's: a tensor-parallel or FSDP shard contributes its
+share (DTensor reductions sum over the shards), a replicated parameter counts once, and each
 pipeline stage adds the squares of its own parameters (summed over the pipeline group).
 Data-parallel replicas hold identical averaged gradients, so they add nothing.
+
+Under fsdp x tp the gradients live on different meshes (a tensor-parallel Linear on
+(dp_shard, tp), a replicated norm or embedding on dp_shard alone) and DTensor refuses one
+reduction across meshes, so the squares are summed per mesh.
 """
 from __future__ import annotations
 
@@ -19,17 +23,22 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def _by_mesh(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """Parameters with a gradient, grouped by the mesh their gradient lives on (None: plain)."""
+    groups: dict = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if _is_dtensor(p.grad) else None, []).append(p)
+    return list(groups.values())
+
+
 def global_grad_norm(params: list[nn.Parameter], stage_group=None) -> torch.Tensor:
     """The 2-norm of all gradients of the model (a collective over ``stage_group``)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    sharded = [g for g in grads if _is_dtensor(g)]
-    plain = [g for g in grads if not _is_dtensor(g)]
-    device = grads[0].device if grads else torch.device("cpu")
+    groups = _by_mesh(params)
+    device = groups[0][0].grad.device if groups else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float32, device=device)
-    if plain:
-        squares = squares + torch.nn.utils.get_total_norm(plain).float() ** 2
-    if sharded:
-        norm = torch.nn.utils.get_total_norm(sharded)
+    for group in groups:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
         squares = squares + (norm.full_tensor() if _is_dtensor(norm) else norm).float() ** 2
     if stage_group is not None:
         comm.get().sum_(squares, group=stage_group)
@@ -37,7 +46,9 @@ def global_grad_norm(params: list[nn.Parameter], stage_group=None) -> torch.Tens
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, stage_group=None) -> torch.Tensor:
-    """Scale gradients so their global norm is at most ``max_norm``; return the norm before."""
+    """Scale gradients so their global norm is at most ``max_norm``; return the norm before.
+    Scaled per mesh too: one foreach multiply may not mix DTensors of different meshes."""
     norm = global_grad_norm(params, stage_group)
-    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
+    for group in _by_mesh(params):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return norm

@@ -1,13 +1,17 @@
-"""One validated description of the parallel dimensions (dp x pp x tp) and the DeviceMesh
-built from it, plus the data-parallel gradient average that sits on top of a split model.
+"""One validated description of the parallel dimensions and the one DeviceMesh built from it,
+plus the data-parallel gradient average that sits on top of a split model.
 
 The degrees come from ``dist.dp``, ``dist.pp`` and ``dist.tp`` (null = derive); their product
-must equal the world size, and that is checked before any worker starts. Under FSDP the
-data-parallel degree splits once more, ``dist.dp_replicate x dist.dp_shard`` (HSDP).
+must equal the world size, and that is checked before any worker starts. Sharded data
+parallelism (FSDP2) splits the data-parallel degree once more, ``dist.dp_replicate x
+dist.dp_shard`` (HSDP). Every composition (fsdp x tp, pp x fsdp x tp) is one mesh whose named
+axes, outermost first, are (dp_replicate, dp_shard, pp, tp): torch slices the sub-meshes
+(``mesh["tp"]``, ``mesh["dp_shard"]``) out of it, so FSDP and the tensor plan agree on ranks.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.distributed as dist
@@ -25,23 +29,25 @@ class Degrees:
 
 
 def resolve_degrees(cfg: DictConfig, world_size: int, split_axis: str) -> Degrees:
-    """Fill unset degrees: unset axes other than ``split_axis`` default to 1, then
-    ``split_axis`` (the one the strategy splits the model along) takes what is left."""
+    """Fill unset degrees: one unset axis takes what the set ones leave (``split_axis``, the one
+    the strategy splits the model along, when it is unset; else dp), the other unset ones are 1."""
     given = {axis: OmegaConf.select(cfg, f"dist.{axis}", default=None) for axis in AXES}
     for axis, value in given.items():
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"dist.{axis}={value!r} must be an integer >= 1 (or null to derive it).")
+    unset = [axis for axis in AXES if given[axis] is None]
+    derive = split_axis if split_axis in unset else next(iter(unset), None)
     fixed = 1
     for axis in AXES:
-        if axis != split_axis:
+        if axis != derive:
             given[axis] = given[axis] or 1
             fixed *= given[axis]
-    if given[split_axis] is None:
+    if derive is not None:
         if world_size % fixed:
-            others = " x ".join(f"dist.{a}={given[a]}" for a in AXES if a != split_axis)
+            others = " x ".join(f"dist.{a}={given[a]}" for a in AXES if a != derive)
             raise ValueError(f"world size {world_size} is not a multiple of {others}: "
                              f"choose degrees whose product is {world_size}.")
-        given[split_axis] = world_size // fixed
+        given[derive] = world_size // fixed
     degrees = Degrees(**given)
     if degrees.dp * degrees.pp * degrees.tp != world_size:
         raise ValueError(f"dist.dp={degrees.dp} x dist.pp={degrees.pp} x dist.tp={degrees.tp} = "
@@ -53,10 +59,7 @@ def resolve_degrees(cfg: DictConfig, world_size: int, split_axis: str) -> Degree
 def build_mesh(degrees: Degrees, device: torch.device, axes: tuple[str, ...]):
     """A DeviceMesh over the named axes (rank = dp-major, so the ranks of one pipeline or
     one tensor-parallel group are neighbours, as on a real node)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    shape = tuple(getattr(degrees, axis) for axis in axes)
-    return init_device_mesh(device.type, shape, mesh_dim_names=axes)
+    return init_mesh(device, {axis: getattr(degrees, axis) for axis in axes})
 
 
 def average_gradients(params: list[nn.Parameter], group, size: int) -> None:
@@ -106,12 +109,59 @@ def resolve_dp_split(cfg: DictConfig, dp: int) -> tuple[int, int]:
     return replicate, shard
 
 
-def build_dp_mesh(device: torch.device, replicate: int, shard: int):
-    """FSDP2's mesh: 1-D over the shard ranks, or 2-D (dp_replicate, dp_shard) for HSDP, where
-    ``fully_shard`` shards along dp_shard and replicates along dp_replicate. Ranks of one shard
-    group are neighbours (a node, on a real cluster), so the all-gathers stay within it."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The sizes of the named mesh axes of a sharded run (dp = dp_replicate x dp_shard)."""
+
+    dp_replicate: int
+    dp_shard: int
+    pp: int = 1
+    tp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def axes(self, *always: str) -> dict[str, int]:
+        """Mesh axes in rank order: dp_replicate outermost, tp innermost, so the ranks of a tp
+        group, then of a shard group, are neighbours (one node on a real cluster: the chattiest
+        collectives stay within it). An axis of size 1 is left out unless named in ``always``."""
+        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "pp": self.pp, "tp": self.tp}
+        return {name: size for name, size in sizes.items() if size > 1 or name in always}
+
+
+def resolve_layout(cfg: DictConfig, world_size: int, split_axis: str) -> Layout:
+    """Degrees of a sharded run. Under a pipeline with ``dist.dp`` and ``dist.pp`` unset, dp is
+    the product of the HSDP degrees given (1 when none is) and the stages take what is left."""
+    unset = [OmegaConf.select(cfg, f"dist.{axis}", default=None) is None for axis in ("dp", "pp")]
+    if split_axis == "pp" and all(unset):
+        given = [OmegaConf.select(cfg, f"dist.{key}", default=None) for key in ("dp_replicate", "dp_shard")]
+        # bad values are named by resolve_dp_split below
+        cfg = OmegaConf.merge(cfg, {"dist": {"dp": math.prod(v for v in given if isinstance(v, int) and v >= 1)}})
+    degrees = resolve_degrees(cfg, world_size, split_axis)
+    replicate, shard = resolve_dp_split(cfg, degrees.dp)
+    return Layout(replicate, shard, degrees.pp, degrees.tp)
+
+
+def init_mesh(device: torch.device, axes: dict[str, int]):
+    """A DeviceMesh over ``axes`` (name -> size, outermost first)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if replicate == 1:
-        return init_device_mesh(device.type, (shard,), mesh_dim_names=("dp_shard",))
-    return init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    return init_device_mesh(device.type, tuple(axes.values()), mesh_dim_names=tuple(axes))
+
+
+def dp_submesh(mesh):
+    """FSDP's mesh out of the run's one mesh: dp_shard, or (dp_replicate, dp_shard) for HSDP,
+    where ``fully_shard`` shards along dp_shard and replicates along dp_replicate."""
+    names = tuple(name for name in ("dp_replicate", "dp_shard") if name in mesh.mesh_dim_names)
+    return mesh[names] if len(names) > 1 else mesh[names[0]]
+
+
+def dp_coordinate(mesh) -> int:
+    """This rank's data-parallel index (its data shard): replicate-major, like the rank order.
+    Ranks that differ only in pp or tp share it: they must see the same batch."""
+    names = mesh.mesh_dim_names
+    shard = mesh.get_local_rank("dp_shard") if "dp_shard" in names else 0
+    if "dp_replicate" not in names:
+        return shard
+    return mesh.get_local_rank("dp_replicate") * mesh.size(names.index("dp_shard")) + shard

@@ -6,6 +6,10 @@ row-parallel (input features split, outputs summed by one all-reduce), so the ac
 between them never leaves its rank. GPT blocks: q/k/v column-parallel (each rank owns
 heads/tp attention heads), the attention projection row-parallel; the MLP's fc
 column-parallel and out row-parallel. Embeddings, norms and the LM head stay replicated.
+
+The plan is found per module it is applied to: a pipeline stage (a Sequential of the
+unsplit model's layers under their own names) pairs its own Linear layers, so a stage
+boundary never cuts a column/row pair (whose activation is a local shard).
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ def plan_for(model: nn.Module) -> dict:
         return plan
     linears = [name for name, child in model.named_children() if isinstance(child, nn.Linear)]
     if len(linears) < 2:
-        raise ValueError("strategy.mode=tensor needs a GPT (model=gpt_tiny) or a Sequential with at "
-                         "least two Linear layers (model=mlp)")
+        raise ValueError("tensor parallelism (dist.tp > 1) needs a GPT (model=gpt_tiny) or a Sequential with at "
+                         "least two Linear layers (model=mlp) in every part it splits")
     plan = {}
     for first, second in zip(linears[0::2], linears[1::2]):  # an odd last Linear stays replicated
         plan[first], plan[second] = ColwiseParallel(), RowwiseParallel()

@@ -144,7 +144,8 @@ def predictions(cfg: DictConfig, nproc: int) -> tuple[list[pm.Prediction], pm.Mo
     machine, notes = machine_from(cfg, facts, nproc, _threads(nproc))
     work = pm.Workload(int(cfg.data.batch_size), int(cfg.trainer.grad_accum_steps), int(cfg.plan.micro_batches),
                        optimizer_bytes(cfg), configured(cfg))
-    return pm.predict_all(facts, machine, work, sharded_layouts(cfg, nproc)), facts, machine, notes
+    rows = sharded.predict_rows(facts, machine, work, sharded_layouts(cfg, nproc))
+    return pm.predict_all(facts, machine, work, rows), facts, machine, notes
 
 
 def check(cfg: DictConfig) -> None:

@@ -175,15 +175,13 @@ def param_server(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     return pred
 
 
-def predict_all(m: ModelFacts, machine: Machine, w: Workload, layouts=None) -> list[Prediction]:
+def predict_all(m: ModelFacts, machine: Machine, w: Workload, sharded: list[Prediction] = ()) -> list[Prediction]:
     """Every strategy at ``machine.nproc`` ranks (plus the one-rank reference); marks those
-    over ``device_memory``. ``layouts``: the sharded (FSDP) rows; None = the default ones."""
-    from disttrain.plan import sharded
-
+    over ``device_memory``. ``sharded``: the FSDP rows (``plan.sharded.predict_rows``), listed
+    after ZeRO (that module builds on this one, so they are passed in)."""
     preds = [single(m, machine, w), _data_parallel("ddp", 0, m, machine, w)]
     preds += [_data_parallel(f"zero{s}", s, m, machine, w) for s in (1, 2, 3)]
-    chosen = sharded.layouts(machine.nproc) if layouts is None else layouts
-    preds += [sharded.predict(m, machine, w, layout) for layout in chosen]
+    preds += list(sharded)
     preds += [pipeline(m, machine, w), tensor_parallel(m, machine, w), param_server(m, machine, w)]
     for pred in preds:
         if pred.memory_b > machine.device_memory:

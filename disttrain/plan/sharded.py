@@ -197,3 +197,8 @@ def layouts(n: int, tp: int | None = None, pp: int | None = None, replicate: int
     if t >= 2 and p >= 2 and n % (t * p) == 0 and n // (t * p) >= 2:
         out.append(Layout(n // (t * p), tp=t, pp=p, reshard=False))
     return out
+
+
+def predict_rows(m: ModelFacts, machine: Machine, w: Workload, chosen: list[Layout] | None = None) -> list[Prediction]:
+    """The sharded rows for ``chosen`` layouts (None: the default ones for ``machine.nproc``)."""
+    return [predict(m, machine, w, layout) for layout in (layouts(machine.nproc) if chosen is None else chosen)]

@@ -11,6 +11,12 @@ shards the model, and the groups replicate it (gradients are all-reduced across 
 the reduce-scatter within one). ``trainer.precision`` selects FSDP2's MixedPrecisionPolicy:
 the gathered copies (what forward and backward compute with, and what travels) are bf16 or
 fp16, gradients are reduced in fp32 and the sharded parameters the optimizer steps stay fp32.
+
+With ``dist.tp > 1`` (2-D, fsdp x tp) the run has one mesh (dp_shard, tp), or (dp_replicate,
+dp_shard, tp): the tensor-parallel plan (disttrain.parallel.tensor) is applied to the meta model
+on ``mesh["tp"]`` first, then activation checkpointing / compile, then ``fully_shard`` on the
+data-parallel sub-mesh of the same mesh (torchtitan's order), so each parameter is a DTensor
+sharded on both axes. The ranks of one tp group see the same data (their dp coordinate).
 """
 from __future__ import annotations
 
@@ -20,9 +26,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from disttrain.memory.checkpointing import find_blocks
-from disttrain.parallel import mesh as mesh_mod
+from disttrain.parallel import mesh as mesh_mod, tensor
+from disttrain.parallel.materialize import factory_from_config
+from disttrain.strategies import composed
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate, samples_of
 from disttrain.strategies.capabilities import Capabilities
+from disttrain.strategies.tp_report import ReportsOncePerTPGroup
 
 _PARAM_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,59 +81,84 @@ def _check_offload(cfg: DictConfig) -> None:
                          "scaler's inf check is reduced over CPU-held gradients, which NCCL cannot; use bf16")
 
 
-class FSDP(Strategy):
+def shard_model(module, mesh, reshard: bool | int, mode: str, offload=None):
+    """``fully_shard`` each block, then the root (torchtitan's layout), on ``mesh``: each block
+    is one all-gather / reduce-scatter group; what is left (embeddings, heads) is the root's."""
+    from torch.distributed.fsdp import OffloadPolicy, fully_shard
+
+    offload = offload or OffloadPolicy()
+    try:
+        blocks = find_blocks(module)
+    except ValueError:
+        blocks = []  # no repeated blocks: the root alone is one shard group
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload,
+                    mp_policy=mixed_precision(mode, root=False))
+    return fully_shard(module, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload,
+                       mp_policy=mixed_precision(mode, root=True))
+
+
+class FSDP(ReportsOncePerTPGroup, Strategy):
     """``fully_shard`` per block and on the root (the layout torchtitan uses)."""
 
-    capabilities = Capabilities(
-        activation_offload=("none",),
-        why={"activation_offload": "its saved-tensor hooks crash FSDP2's backward (a segfault on torch 2.13, gloo); "
-                                   "use memory.activation_checkpointing instead"})
+    capabilities = composed.SHARDED
 
     def __init__(self, reshard_after_forward: bool | int = True, cpu_offload: bool = False):
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
 
     @classmethod
+    def layout(cls, cfg: DictConfig, world_size: int) -> mesh_mod.Layout:
+        """dp_replicate x dp_shard x tp of this run; fsdp splits the world over dp."""
+        layout = mesh_mod.resolve_layout(cfg, world_size, split_axis="dp")
+        if layout.pp != 1:
+            raise ValueError(f"dist.pp={layout.pp}: strategy=fsdp shards over data parallelism (dist.dp_replicate "
+                             "x dist.dp_shard) and dist.tp only; for pipeline stages use strategy=pipeline "
+                             "strategy.data_parallel=shard")
+        return layout
+
+    @classmethod
     def degrees(cls, cfg: DictConfig, world_size: int) -> tuple[int, int]:
-        """(dp_replicate, dp_shard) of this run; fsdp splits the world over dp only."""
-        degrees = mesh_mod.resolve_degrees(cfg, world_size, split_axis="dp")
-        if degrees.pp != 1 or degrees.tp != 1:
-            raise ValueError(f"dist.pp={degrees.pp} x dist.tp={degrees.tp}: strategy=fsdp shards over data "
-                             "parallelism only (dist.dp_replicate x dist.dp_shard); leave dist.pp and dist.tp unset")
-        return mesh_mod.resolve_dp_split(cfg, degrees.dp)
+        """(dp_replicate, dp_shard) of this run."""
+        layout = cls.layout(cfg, world_size)
+        return layout.dp_replicate, layout.dp_shard
+
+    @classmethod
+    def capabilities_for(cls, cfg: DictConfig) -> Capabilities:
+        tp = OmegaConf.select(cfg, "dist.tp", default=None)
+        if tp in (None, 1):
+            return cls.capabilities
+        return composed.narrow(cls.capabilities, composed.because(composed.TENSOR_PARALLEL, f"dist.tp={tp}"))
 
     @classmethod
     def validate(cls, cfg, world_size: int) -> None:
-        _, shard = cls.degrees(cfg, world_size)
-        check_reshard(cfg.strategy.get("reshard_after_forward", True), shard)
+        layout = cls.layout(cfg, world_size)
+        check_reshard(cfg.strategy.get("reshard_after_forward", True), layout.dp_shard)
         offload = cfg.strategy.get("cpu_offload", False)
         if not isinstance(offload, bool):
             raise ValueError(f"strategy.cpu_offload={offload!r} must be true or false")
         if offload:
             _check_offload(cfg)
+        if layout.tp > 1:
+            tensor.check_divisible(factory_from_config(cfg).meta(), layout.tp)
 
     def setup(self, ctx: SetupContext) -> None:
-        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
         self.world = ctx.world
-        self.replicate, self.shard = self.degrees(ctx.cfg, ctx.world.world_size)
-        reshard = check_reshard(self.reshard_after_forward, self.shard)
-        mesh = mesh_mod.build_dp_mesh(ctx.device, self.replicate, self.shard)
+        self.sizes = self.layout(ctx.cfg, ctx.world.world_size)
+        reshard = check_reshard(self.reshard_after_forward, self.sizes.dp_shard)
+        self.mesh = mesh_mod.init_mesh(ctx.device, self.sizes.axes("dp_shard"))
+        self.tp_rank = self.mesh.get_local_rank("tp") if self.sizes.tp > 1 else 0
         # Pinned host memory needs an accelerator; on a CPU-only run the shards are host memory anyway.
         offload = CPUOffloadPolicy(pin_memory=ctx.device.type != "cpu") if self.cpu_offload else OffloadPolicy()
-        mode = ctx.settings.precision
-        # Activation checkpointing / offload wrap the blocks first, then fully_shard: the
+        module = ctx.model.meta()
+        if self.sizes.tp > 1:
+            module = tensor.apply_tp(module, self.mesh["tp"])
+        # Activation checkpointing / compile wrap the blocks first, then fully_shard: the
         # order torchtitan applies them in (the recomputed forward all-gathers again).
-        module = ctx.apply_memory(ctx.model.meta())
-        try:
-            blocks = find_blocks(module)
-        except ValueError:
-            blocks = []  # no repeated blocks: the root alone is one shard group
-        for block in blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload,
-                        mp_policy=mixed_precision(mode, root=False))
-        fully_shard(module, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload,
-                    mp_policy=mixed_precision(mode, root=True))
+        module = shard_model(ctx.apply_memory(module), mesh_mod.dp_submesh(self.mesh), reshard,
+                             ctx.settings.precision, offload)
         # CPU offload: FSDP2 wants the shards materialized in host memory.
         self.model = ctx.model.materialize_in_place(module, "cpu" if self.cpu_offload else ctx.device)
 
@@ -145,4 +179,7 @@ class FSDP(Strategy):
     def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn, precision) -> StepStats:
         loss = accumulate(self.model, micro_batches, loss_fn, no_sync=self._no_sync,
                           autocast=precision.autocast, scale=precision.scale)
-        return StepStats(loss=loss, samples=samples_of(micro_batches))
+        return self.once_per_tp_group(StepStats(loss=loss, samples=samples_of(micro_batches)))
+
+    def data_shard(self) -> tuple[int, int]:
+        return mesh_mod.dp_coordinate(self.mesh), self.sizes.dp

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
+from disttrain.strategies import composed
 from disttrain.strategies.capabilities import Capabilities
 from disttrain.parallel import mesh as mesh_mod, tensor
 from disttrain.parallel.materialize import factory_from_config
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate, samples_of
+from disttrain.strategies.tp_report import ReportsOncePerTPGroup
 from disttrain.strategies.pipeline import Pipeline, _balance_value, build_blocks, check_balance
 
 MODES = ("layer", "tensor")
@@ -30,15 +31,11 @@ class LayerParallel(Pipeline):
         super().__init__(micro_batches=1, schedule="gpipe", stages_per_rank=1, balance=balance)
 
 
-class TensorParallel(Strategy):
+class TensorParallel(ReportsOncePerTPGroup, Strategy):
     """dp x tp: each tp group holds one sharded copy of the model. The plan is applied on
     the meta device; each rank then materializes only its shards (one full layer at a time)."""
 
-    capabilities = Capabilities(activation_offload=("none", "cpu"), compile=False,
-                                why={"activation_offload": "disk offload writes saved tensors as raw bytes and "
-                                     "tensor-parallel activations are DTensors (no .numpy())",
-                                     "compile": "compiled tensor-parallel blocks (DTensor) trained the MLP to "
-                                     "weights 1e-2 away from eager on torch 2.13 (gloo, CPU inductor)"})
+    capabilities = composed.TENSOR_PARALLEL
 
     def setup(self, ctx: SetupContext) -> None:
         self.world, self.device = ctx.world, ctx.device
@@ -52,15 +49,7 @@ class TensorParallel(Strategy):
     def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn, precision) -> StepStats:
         loss = accumulate(self.model, micro_batches, loss_fn, autocast=precision.autocast, scale=precision.scale)
         mesh_mod.average_gradients(list(self.model.parameters()), self.dp_group, self.degrees.dp)
-        # Every tp rank computes the same (replicated) loss: report it once per replica.
-        first = self.tp_rank == 0
-        return StepStats(loss=loss if first else None, samples=samples_of(micro_batches) if first else 0)
-
-    @torch.no_grad()
-    def eval_outputs(self, inputs, precision):
-        with precision.autocast():
-            outputs = self.model(inputs)  # every tp rank: the forward has collectives
-        return outputs if self.tp_rank == 0 else None
+        return self.once_per_tp_group(StepStats(loss=loss, samples=samples_of(micro_batches)))
 
     def data_shard(self) -> tuple[int, int]:
         return self.dp_rank, self.degrees.dp

@@ -1,8 +1,19 @@
 """Pipeline parallelism through torch.distributed.pipelining: the model (an nn.Sequential)
 is cut into balanced stages, one (or ``stages_per_rank``) per pipeline rank, and a torch
 schedule (GPipe, 1F1B, interleaved 1F1B, the zero-bubble ones: see pipeline_schedules)
-runs the micro-batches; ``dist.dp`` replicas of the whole pipeline average their gradients
-once per optimizer step.
+runs the micro-batches. Data parallelism over ``dist.dp`` copies of the pipeline is
+``strategy.data_parallel``: ``replicate`` averages their gradients once per optimizer step
+(one flat all-reduce), ``shard`` applies FSDP2's ``fully_shard`` to each stage module over the
+data-parallel ranks (HSDP with ``dist.dp_replicate x dist.dp_shard``), so a rank holds
+1/dp_shard of its stage. With ``dist.tp > 1`` each stage module is also split by the tensor
+plan (pp x fsdp x tp, 3-D): one DeviceMesh (dp_replicate, dp_shard, pp, tp); the plan runs on
+``mesh["tp"]`` before ``fully_shard`` on the dp sub-mesh, torchtitan's order.
+
+FSDP under a schedule: torch's PipelineStage keeps gradients unreduced and parameters
+unsharded across the micro-batches' backward passes and reduce-scatters once at the end of
+each schedule step (``perform_reduce_grad``). As torchtitan does under pipelining, stage
+parameters are not resharded after each micro-batch's forward (``reshard_after_forward=False``):
+a reshard would cost one all-gather per micro-batch per stage.
 
 Gradient scaling: torch's schedules divide gradients by the micro-batch count by default
 (``scale_grads=True``). We turn that off and divide each micro-batch loss by
@@ -12,48 +23,74 @@ accumulation, and the summed micro-batch losses are that batch's mean loss.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.pipelining import PipelineStage
 
 from disttrain.distributed import comm
-from disttrain.parallel import mesh as mesh_mod, split
+from disttrain.parallel import mesh as mesh_mod, split, tensor
 from disttrain.parallel.materialize import factory_from_config, scratch_copy
 from disttrain.parallel.timing import StageClock, stage_report
 from disttrain.strategies import pipeline_schedules as schedules
+from disttrain.strategies import composed
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, samples_of
+from disttrain.strategies.capabilities import Capabilities
+from disttrain.strategies.fsdp import shard_model
+from disttrain.strategies.tp_report import ReportsOncePerTPGroup
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 SCHEDULES = schedules.SCHEDULES
+DATA_PARALLEL = ("replicate", "shard")
 
 
 def _balance_value(balance: Any) -> Any:
     return list(balance) if isinstance(balance, (list, tuple, ListConfig)) else balance
 
 
-class Pipeline(Strategy):
-    """dp x pp: each pipeline rank holds its stage(s); the last stage computes the loss."""
+class Pipeline(ReportsOncePerTPGroup, Strategy):
+    """dp x pp (x tp): each pipeline rank holds its stage(s); the last stage computes the loss."""
 
     def __init__(self, micro_batches: int = 4, schedule: str = "1f1b", stages_per_rank: int = 1,
-                 balance: Any = "params"):
+                 balance: Any = "params", data_parallel: str = "replicate"):
         self.micro_batches, self.schedule_name = micro_batches, schedule
         self.stages_per_rank, self.balance = stages_per_rank, _balance_value(balance)
+        self.data_parallel = data_parallel
         self.last_report: dict[str, float] = {}
         self._evaluating = False
 
     # ---------------------------------------------------------------- validation
     @classmethod
+    def layout(cls, cfg: DictConfig, world_size: int, data_parallel: str) -> mesh_mod.Layout:
+        """dp (replicate x shard) x pp x tp of this run; the stages take what dp and tp leave."""
+        if data_parallel not in DATA_PARALLEL:
+            raise ValueError(f"strategy.data_parallel={data_parallel!r} must be one of {', '.join(DATA_PARALLEL)}.")
+        layout = mesh_mod.resolve_layout(cfg, world_size, split_axis="pp")
+        if layout.tp > 1 and layout.pp == 1:
+            raise ValueError(f"dist.tp={layout.tp} leaves a single pipeline stage (dist.pp=1): for tensor "
+                             f"parallelism without stages use strategy=fsdp dist.tp={layout.tp} (or "
+                             "strategy=model_parallel strategy.mode=tensor).")
+        return layout
+
+    @classmethod
+    def capabilities_for(cls, cfg: DictConfig) -> Capabilities:
+        parts = [cls.capabilities]
+        tp = OmegaConf.select(cfg, "dist.tp", default=None)
+        if tp not in (None, 1):
+            parts.append(composed.because(composed.TENSOR_PARALLEL, f"dist.tp={tp}"))
+        if _data_parallel(cfg) == "shard":
+            parts.append(composed.because(composed.SHARDED, "strategy.data_parallel=shard (FSDP2)"))
+        return composed.narrow(*parts)
+
+    @classmethod
     def validate(cls, cfg: DictConfig, world_size: int) -> None:
-        degrees = mesh_mod.resolve_degrees(cfg, world_size, split_axis="pp")
-        if degrees.tp != 1:
-            raise ValueError(f"dist.tp={degrees.tp}: strategy=pipeline combines only dist.dp and dist.pp; "
-                             "use strategy=model_parallel strategy.mode=tensor for tensor parallelism.")
+        layout = cls.layout(cfg, world_size, _data_parallel(cfg))
         s = cfg.strategy
-        check_pipeline_settings(s.micro_batches, s.schedule, s.stages_per_rank, degrees.pp,
+        check_pipeline_settings(s.micro_batches, s.schedule, s.stages_per_rank, layout.pp,
                                 cfg.data.batch_size, "strategy.")
         if s.schedule in ("interleaved_zb", "zbv", "dualpipev") and cfg.trainer.get("compile", False):
             raise ValueError(f"strategy=pipeline strategy.schedule={s.schedule} does not support "
@@ -61,30 +98,28 @@ class Pipeline(Strategy):
                              "which torch rejects for compiled stages; "
                              "use strategy.schedule=1f1b (or gpipe, interleaved_1f1b), or trainer.compile=false.")
         blocks = build_blocks(cfg)
-        stages = degrees.pp * s.stages_per_rank
+        stages = layout.pp * s.stages_per_rank
         if stages > len(blocks):
-            raise ValueError(f"dist.pp={degrees.pp} x strategy.stages_per_rank={s.stages_per_rank} = {stages} "
+            raise ValueError(f"dist.pp={layout.pp} x strategy.stages_per_rank={s.stages_per_rank} = {stages} "
                              f"stages but the model has only {len(blocks)} layers: use fewer stages or a deeper model.")
-        check_balance(blocks, _balance_value(s.balance), degrees.pp, stages,
-                      lambda stage: schedules.rank_of_stage(s.schedule, stage, degrees.pp))
+        counts = check_balance(blocks, _balance_value(s.balance), layout.pp, stages,
+                               lambda stage: schedules.rank_of_stage(s.schedule, stage, layout.pp))
+        if layout.tp > 1:
+            check_stage_tp(blocks, counts, layout.tp)
 
     # ---------------------------------------------------------------- set-up
     def setup(self, ctx: SetupContext) -> None:
         self.world, self.device, self.batch_size = ctx.world, ctx.device, int(ctx.cfg.data.batch_size)
-        self.degrees = mesh_mod.resolve_degrees(ctx.cfg, ctx.world.world_size, split_axis="pp")
-        self.mesh = mesh_mod.build_mesh(self.degrees, ctx.device, ("dp", "pp"))
-        self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
-        self.pp_rank, self.dp_rank = self.mesh.get_local_rank("pp"), self.mesh.get_local_rank("dp")
-        num_stages = self.degrees.pp * self.stages_per_rank
+        self._build_mesh(ctx)
+        num_stages = self.sizes.pp * self.stages_per_rank
         blocks = split.blocks_of(ctx.model.meta())  # nothing allocated yet
         counts = split.stage_counts(blocks, num_stages, self.balance, lambda: self._sample(ctx), self._agree,
                                     materialize=lambda m: scratch_copy(m, ctx.device))
-        split.check_ranks_hold_parameters(blocks, counts, self.degrees.pp, self._rank_of)
+        split.check_ranks_hold_parameters(blocks, counts, self.sizes.pp, self._rank_of)
         # Looped placement (stage s on rank s % pp) or, for ZBV / DualPipeV, the V.
-        self.stage_ids = schedules.stage_ids(self.schedule_name, self.pp_rank, self.degrees.pp, self.stages_per_rank)
+        self.stage_ids = schedules.stage_ids(self.schedule_name, self.pp_rank, self.sizes.pp, self.stages_per_rank)
         # Only this rank's stages get storage; each keeps the unsplit FQNs ("3.weight").
-        modules = [ctx.apply_memory(ctx.model.materialize(split.stage_module(blocks, counts, s), ctx.device))
-                   for s in self.stage_ids]
+        modules = [self._parallelize(ctx, split.stage_module(blocks, counts, s)) for s in self.stage_ids]
         del blocks
         self.model = split.union(modules)
         self.precision = None
@@ -101,13 +136,35 @@ class Pipeline(Strategy):
         self.schedule = self._make_schedule()
         self.counts = counts
 
+    def _build_mesh(self, ctx: SetupContext) -> None:
+        """The one mesh: (dp, pp[, tp]) when replicas average, (dp_replicate, dp_shard, pp[, tp])
+        when they shard; this rank's coordinates and the groups the step uses."""
+        self.sizes = self.layout(ctx.cfg, ctx.world.world_size, self.data_parallel)
+        sharded = self.data_parallel == "shard"
+        tp = {"tp": self.sizes.tp} if self.sizes.tp > 1 else {}
+        axes = self.sizes.axes("dp_shard", "pp") if sharded else {"dp": self.sizes.dp, "pp": self.sizes.pp, **tp}
+        self.mesh = mesh_mod.init_mesh(ctx.device, axes)
+        self.pp_group, self.pp_rank = self.mesh.get_group("pp"), self.mesh.get_local_rank("pp")
+        self.tp_rank = self.mesh.get_local_rank("tp") if tp else 0
+        self.dp_rank = mesh_mod.dp_coordinate(self.mesh) if sharded else self.mesh.get_local_rank("dp")
+        self.dp_group = None if sharded else self.mesh.get_group("dp")  # FSDP reduces within the schedule
+
+    def _parallelize(self, ctx: SetupContext, stage: torch.nn.Module) -> torch.nn.Module:
+        """One stage module (on meta): tensor plan, memory, then fully_shard or plain storage."""
+        if self.sizes.tp > 1:
+            stage = tensor.apply_tp(stage, self.mesh["tp"])
+        if self.data_parallel == "replicate":
+            return ctx.apply_memory(ctx.model.materialize(stage, ctx.device))
+        stage = shard_model(ctx.apply_memory(stage), mesh_mod.dp_submesh(self.mesh), False, ctx.settings.precision)
+        return ctx.model.materialize_in_place(stage, ctx.device)
+
     def _make_schedule(self):
         cls = schedules.schedule_class(self.schedule_name)
         stages = self.stages if SCHEDULES[self.schedule_name].multi else self.stages[0]
         return cls(stages, n_microbatches=self.micro_batches, loss_fn=self._micro_loss, scale_grads=False)
 
     def _rank_of(self, stage: int) -> int:
-        return schedules.rank_of_stage(self.schedule_name, stage, self.degrees.pp)
+        return schedules.rank_of_stage(self.schedule_name, stage, self.sizes.pp)
 
     def _sample(self, ctx: SetupContext) -> torch.Tensor:
         dataset = ctx.build_dataset()
@@ -138,15 +195,16 @@ class Pipeline(Strategy):
                                losses=step_losses if self.is_last else None, return_outputs=False)
             losses += step_losses
         wall = time.perf_counter() - start
-        mesh_mod.average_gradients(list(self.model.parameters()), self.dp_group, self.degrees.dp)
+        if self.dp_group is not None:  # replicate; under shard, FSDP reduce-scattered in the schedule
+            mesh_mod.average_gradients(list(self.model.parameters()), self.dp_group, self.sizes.dp)
         self.last_report = stage_report(self.clock.take(), wall, self.pp_group, self._theory())
         total = torch.stack([self._unscaled[id(l)] for l in losses]).sum() if self.is_last else None
         self._unscaled = {}
         samples = samples_of(micro_batches) if self.is_last else 0
-        return StepStats(loss=total, samples=samples, extra=dict(self.last_report))
+        return self.once_per_tp_group(StepStats(loss=total, samples=samples, extra=dict(self.last_report)))
 
     def _theory(self) -> float:
-        return schedules.theory(self.schedule_name, self.schedule, self.degrees.pp, self.micro_batches,
+        return schedules.theory(self.schedule_name, self.schedule, self.sizes.pp, self.micro_batches,
                                 self.stages_per_rank)
 
     # ---------------------------------------------------------------- evaluation
@@ -163,7 +221,7 @@ class Pipeline(Strategy):
             outputs = self.schedule.eval(*args, target=target, losses=[] if self.is_last else None)
         finally:
             self._evaluating = False
-        return outputs[:size] if self.is_last else None
+        return outputs[:size] if self.is_last and self.tp_rank == 0 else None
 
     def eval_shard(self) -> tuple[int, int]:
         return self.data_shard()
@@ -187,7 +245,11 @@ class Pipeline(Strategy):
     def data_shard(self) -> tuple[int, int]:
         # All stages of one replica must see the same batch (the first feeds inputs, the
         # last reads targets), so the shard is the data-parallel coordinate only.
-        return self.dp_rank, self.degrees.dp
+        return self.dp_rank, self.sizes.dp
+
+
+def _data_parallel(cfg: DictConfig) -> str:
+    return OmegaConf.select(cfg, "strategy.data_parallel", default="replicate")
 
 
 def _autocast_forward(module: torch.nn.Module, owner: "Pipeline") -> None:
@@ -196,10 +258,11 @@ def _autocast_forward(module: torch.nn.Module, owner: "Pipeline") -> None:
     forward = module.forward
 
     def autocast_forward(*args, **kwargs):
-        if owner.precision is None:
-            return forward(*args, **kwargs)
-        with owner.precision.autocast():
-            return forward(*args, **kwargs)
+        with owner.precision.autocast() if owner.precision is not None else contextlib.nullcontext():
+            out = forward(*args, **kwargs)
+        # A row-parallel last layer returns a view (of its DTensor's local tensor); the
+        # zero-bubble schedules detach_() stage outputs in place, which a view refuses.
+        return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
 
     module.forward = autocast_forward
 
@@ -228,15 +291,29 @@ def check_pipeline_settings(micro_batches: Any, schedule: Any, stages_per_rank: 
     schedules.check_schedule(micro_batches, schedule, stages_per_rank, pp, prefix)
 
 
-def check_balance(blocks: list, balance: Any, ranks: int, stages: int, rank_of=None) -> None:
+def check_balance(blocks: list, balance: Any, ranks: int, stages: int, rank_of=None) -> list[int] | None:
     """strategy.balance is well formed and (where the split is known before training) gives
-    every pipeline rank some parameters."""
+    every pipeline rank some parameters; the layer counts per stage, None until measured."""
     if isinstance(balance, str) and balance not in ("params", "time"):
         raise ValueError(f"strategy.balance={balance!r} must be 'params', 'time' or a list of layer counts.")
     if balance == "time":
-        return  # measured on the workers; setup checks the result
+        return None  # measured on the workers; setup checks the result
     counts = split.stage_counts(blocks, stages, balance)
     split.check_ranks_hold_parameters(blocks, counts, ranks, rank_of)
+    return counts
+
+
+def check_stage_tp(blocks: list, counts: list[int] | None, tp: int) -> None:
+    """Each stage module gets its own tensor plan: dist.tp must divide what each stage splits.
+    With balance=time the split is measured on the workers: the whole model is checked here."""
+    parts = [split.stage_module(blocks, counts, s) for s in range(len(counts))] if counts else [
+        split.stage_module(blocks, [len(blocks)], 0)]
+    for index, part in enumerate(parts):
+        try:
+            tensor.check_divisible(part, tp)
+        except ValueError as exc:
+            where = f"pipeline stage {index} (layers {', '.join(n for n, _ in part.named_children())})"
+            raise ValueError(f"{where}: {exc}") from None
 
 
 def build_blocks(cfg: DictConfig) -> list:

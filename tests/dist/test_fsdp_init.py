@@ -95,6 +95,6 @@ def test_hsdp_degrees_must_multiply_to_the_data_parallel_degree():
     for dist, match in (({"dp_replicate": 3}, "dist.dp_replicate=3 does not divide"),
                         ({"dp_replicate": 2, "dp_shard": 4}, "dist.dp_replicate=2 x dist.dp_shard=4 = 8"),
                         ({"dp_shard": 0}, "dist.dp_shard=0 must be an integer"),
-                        ({"tp": 2}, "strategy=fsdp shards over data parallelism only")):
+                        ({"pp": 2}, "strategy=fsdp shards over data parallelism")):  # dist.tp: fsdp x tp
         with pytest.raises(ValueError, match=match):
             degrees(4, **dist)

@@ -17,7 +17,8 @@ FP32 = pm.Workload(batch=1, accum=1, micro_batches=8, optim_bytes=8, precision="
 
 
 def _rows(machine=MACHINE, work=BF16, layouts=None):
-    return {p.strategy.split(" m=")[0]: p for p in pm.predict_all(BIG, machine, work, layouts)}
+    rows = sharded.predict_rows(BIG, machine, work, layouts)
+    return {p.strategy.split(" m=")[0]: p for p in pm.predict_all(BIG, machine, work, rows)}
 
 
 def _states(pred):
