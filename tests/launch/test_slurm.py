@@ -1,12 +1,15 @@
 """launch/slurm.sbatch on a real one-node Slurm cluster (slurmctld + slurmd started by
 tests/launch/slurm_cluster.sh, stopped by PID): a 2-task DDP sweep, and a job preempted
-mid-run with the requeue signal that requeues itself and resumes bitwise."""
+mid-run with the requeue signal that requeues itself and resumes bitwise; and a Hydra sweep
+through the submitit launcher, each trial one 2-task job. One cluster serves the whole file."""
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 
 import pytest
+from helpers import run_disttrain
 from launch_helpers import (MAX_STEPS, ROOT, TRAIN, assert_bitwise_equal, final_weights, launch_env,
                             logged_step, reference_weights, run, torchrun_sweep_dir, wait_for)
 
@@ -76,3 +79,24 @@ def test_preempted_job_saves_requeues_and_resumes_bitwise(slurm_env, tmp_path):
     assert f"Slurm job {job} requeued" in log and "restart 1 of this job (launcher slurm)" in log
     assert re.search(rf"resumed from \S+step_{stopped:08d} \(step {stopped}\)", log), log[-3000:]
     assert_bitwise_equal(final_weights(run_dir), reference_weights())
+
+
+# Hydra's submitit launcher on the same cluster: each sweep trial one 2-task Slurm job.
+SWEEP_TINY = ["model.hidden=16", "model.depth=2", "data.size=512", "data.val_fraction=0.25",
+              "trainer.eval_every=5", "trainer.log_every=5", "checkpoint.every_steps=0"]
+
+
+@pytest.mark.world_size(2)
+def test_submitit_slurm_sweep_runs_each_trial_as_a_two_task_job(tmp_path, slurm_env):
+    sweep_dir = tmp_path / "sweep"
+    run_disttrain(["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=2",
+                   "hydra.launcher.timeout_min=10", *SWEEP_TINY, "trainer.max_steps=10", "optim.lr=0.01,0.1",
+                   f"hydra.sweep.dir={sweep_dir}"], tmp_path / "unused", timeout=400,
+                  env={"SLURM_CONF": slurm_env["SLURM_CONF"]})
+    with open(sweep_dir / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["optim.lr"], r["status"], r["steps"]) for r in rows] == [("0.01", "ok", "10"), ("0.1", "ok", "10")]
+    for num in ("0", "1"):  # each trial: one Slurm job whose two tasks are the two ranks
+        assert "on 2 rank(s) (slurm, " in (sweep_dir / num / "train.log").read_text()
+        assert (sweep_dir / num / "train.rank1.log").exists()
+    assert sum(r["best"] == "yes" for r in rows) == 1

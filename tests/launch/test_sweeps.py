@@ -6,14 +6,13 @@ import csv
 import itertools
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import ROOT, cli_env, run_disttrain, run_process
+from helpers import cli_env, run_disttrain, run_process
 
 # A tiny reference regression task (MLP on synthetic_regression) with a validation split.
 TINY = ["model.hidden=16", "model.depth=2", "data.size=512", "data.val_fraction=0.25", "trainer.eval_every=5",
@@ -98,35 +97,3 @@ def test_pruning_stops_a_trial_worse_than_the_median(tmp_path):
                                "sweep.pruner={_target_:optuna.pruners.MedianPruner,n_startup_trials:1}")
     assert [r["status"] for r in rows] == ["ok", "pruned"]
     assert rows[0]["steps"] == "20" and rows[1]["steps"] == "5"
-
-
-
-@pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory):
-    """A real one-node Slurm cluster (tests/launch/slurm_cluster.sh), stopped by PID."""
-    script = ROOT / "tests" / "launch" / "slurm_cluster.sh"
-    installed = subprocess.run([str(script), "install"], capture_output=True, text=True, timeout=600)
-    if installed.returncode == 3:
-        pytest.skip(f"Slurm cannot be installed on this machine: {installed.stderr.strip()}")
-    assert installed.returncode == 0, installed.stderr
-    state = tmp_path_factory.mktemp("slurm")
-    subprocess.run([str(script), "start", str(state)], check=True, capture_output=True, timeout=120)
-    try:
-        yield {"SLURM_CONF": str(state / "slurm.conf")}
-    finally:
-        subprocess.run([str(script), "stop", str(state)], timeout=60)
-
-
-@pytest.mark.world_size(2)
-def test_submitit_slurm_sweep_runs_each_trial_as_a_two_task_job(tmp_path, slurm_env):
-    sweep_dir = tmp_path / "sweep"
-    run_disttrain(["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=2",
-                   "hydra.launcher.timeout_min=10", *TINY, "trainer.max_steps=10", "optim.lr=0.01,0.1",
-                   f"hydra.sweep.dir={sweep_dir}"], tmp_path / "unused", timeout=400, env=slurm_env)
-    with open(sweep_dir / "summary.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [(r["optim.lr"], r["status"], r["steps"]) for r in rows] == [("0.01", "ok", "10"), ("0.1", "ok", "10")]
-    for num in ("0", "1"):  # each trial: one Slurm job whose two tasks are the two ranks
-        assert "on 2 rank(s) (slurm, " in (sweep_dir / num / "train.log").read_text()
-        assert (sweep_dir / num / "train.rank1.log").exists()
-    assert sum(r["best"] == "yes" for r in rows) == 1
