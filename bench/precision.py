@@ -20,8 +20,9 @@ import torch
 PRECISIONS = ("32", "bf16", "fp16")
 
 
-def run(precision: str, args) -> tuple[float, float]:
-    """(median seconds per step after 5 warm-up steps, mean loss of the last 5 steps)."""
+def run(precision: str, args, extra: tuple[str, ...] = (), first: list | None = None) -> tuple[float, float]:
+    """(median seconds per step after 5 warm-up steps, mean loss of the last 5 steps); ``extra``
+    overrides (e.g. trainer.compile=true); ``first`` gets the first step's seconds appended."""
     from hydra import compose, initialize_config_dir
 
     from disttrain.engine import builders
@@ -30,7 +31,7 @@ def run(precision: str, args) -> tuple[float, float]:
     from disttrain.engine.build import build_engine
 
     overrides = ["experiment=gpt_text", "strategy=single", f"trainer.precision={precision}",
-                 f"data.batch_size={args.batch}"]
+                 f"data.batch_size={args.batch}", *extra]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     device = torch.device(args.device)
@@ -44,6 +45,8 @@ def run(precision: str, args) -> tuple[float, float]:
         losses.append(stats.loss.item())  # .item() syncs a GPU, so the time is the whole step
         times.append(time.perf_counter() - start)
         sampler.advance(1)
+    if first is not None:
+        first.append(times[0])
     return statistics.median(times[5:]), sum(losses[-5:]) / 5
 
 
