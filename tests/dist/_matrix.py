@@ -30,6 +30,10 @@ STRATEGIES = {
     "pipeline": (["strategy=pipeline", "strategy.micro_batches=2", "strategy.schedule=1f1b"], "whole"),
     "zbv": (["strategy=pipeline", "strategy.micro_batches=2", "strategy.schedule=zbv", "strategy.stages_per_rank=2"],
             "whole"),
+    "interleaved_zb": (["strategy=pipeline", "strategy.micro_batches=2", "strategy.schedule=interleaved_zb",
+                        "strategy.stages_per_rank=2"], "whole"),
+    "dualpipev": (["strategy=pipeline", "strategy.micro_batches=4", "strategy.schedule=dualpipev",
+                   "strategy.stages_per_rank=2"], "whole"),
     "layer": (["strategy=model_parallel", "strategy.mode=layer"], "whole"),
     "tensor": (["strategy=model_parallel", "strategy.mode=tensor"], "whole"),
 }
