@@ -12,7 +12,6 @@ Appends one JSON line per run to bench/results/compile_speedup.jsonl; the last l
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ddp_overhead import _git  # the commit for the rows, as the other benchmarks write it
-from precision import run  # one rank through the run's own engine, median step after warm-up
+from precision import parse_args, run  # one rank through the run's own engine, median step after warm-up
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "compile_speedup.jsonl"
@@ -30,13 +29,7 @@ VARIANTS = {"eager": (), "compiled": ("trainer.compile=true",)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = parse_args(__doc__)
     steps: dict[str, list[float]] = {name: [] for name in VARIANTS}
     losses: dict[str, list[float]] = {name: [] for name in VARIANTS}
     first: dict[str, list[float]] = {name: [] for name in VARIANTS}

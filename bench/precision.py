@@ -50,14 +50,20 @@ def run(precision: str, args, extra: tuple[str, ...] = (), first: list | None = 
     return statistics.median(times[5:]), sum(losses[-5:]) / 5
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options of the one-rank step-time benchmarks (this one and compile_speedup.py)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    return args
+
+
+def main() -> None:
+    args = parse_args(__doc__)
     results: dict[str, list[tuple[float, float]]] = {p: [] for p in PRECISIONS}
     for _ in range(args.rounds):
         for precision in PRECISIONS:
