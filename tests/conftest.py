@@ -30,7 +30,28 @@ def run_cli(tmp_path):
     return run
 
 
+#: The files that take longest (real multi-process runs, cold inductor compiles), longest first.
+#: ``make test`` runs two files at a time (pytest-xdist, --dist loadfile) and hands them out in
+#: collection order, so these start first and the many short unit tests fill the gaps at the
+#: end, instead of one long file running alone while the other worker has nothing left.
+LONGEST_FIRST = ("dist/test_feature_matrix.py", "dist/test_compile.py", "dist/test_param_server.py",
+                 "dist/test_meta_init_memory.py", "launch/test_slurm.py", "launch/test_sweeps.py",
+                 "fault/test_kill_resume.py", "dist/test_deepspeed.py", "dist/test_pipeline.py",
+                 "dist/test_fsdp_mesh.py", "dist/test_ddp_numerics.py", "launch/test_packaging.py",
+                 "unit/test_memory.py", "dist/test_input_pipeline.py", "launch/test_cli_smoke.py",
+                 "dist/test_model_parallel.py", "unit/test_no_leftover_processes.py", "unit/test_schema.py")
+
+
+def _file_rank(item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    for rank, name in enumerate(LONGEST_FIRST):
+        if path.endswith(name):
+            return rank
+    return len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_file_rank)  # stable: the order within a file and among the rest is kept
     try:
         import torch
 
