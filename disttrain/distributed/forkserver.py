@@ -17,9 +17,10 @@ METHOD_ENV = "DISTTRAIN_START_METHOD"
 
 
 def start_method() -> str:
-    """``forkserver``, or what ``DISTTRAIN_START_METHOD`` says (``spawn``: fresh interpreters,
-    for comparison or where a platform lacks fork)."""
-    return os.environ.get(METHOD_ENV, "forkserver")
+    """``forkserver`` where the platform has it (not on Windows: ``spawn`` there), or what
+    ``DISTTRAIN_START_METHOD`` says (``spawn``: fresh interpreters, to compare or debug)."""
+    default = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return os.environ.get(METHOD_ENV, default)
 
 
 def context(*modules: str) -> multiprocessing.context.BaseContext:
