@@ -42,12 +42,16 @@ CASES = {
         "fsdp_tp_bf16": (MLP, "sgd", FSDP_TP, ["trainer.precision=bf16"]),
         "fsdp_tp_fp16": (MLP, "sgd", FSDP_TP, ["trainer.precision=fp16"]),
         "fsdp_tp_accum": (MLP, "sgd", FSDP_TP, ["trainer.grad_accum_steps=2"]),
-        "fsdp_tp_ac_full": (MLP, "sgd", FSDP_TP, ["memory.activation_checkpointing=full"])},
+        "fsdp_tp_ac_full": (MLP, "sgd", FSDP_TP, ["memory.activation_checkpointing=full"]),
+        # shards, gradients and AdamW's state in host memory (CPUOffloadPolicy) on both axes
+        "fsdp_tp_offload": (MLP, "adamw", [*FSDP_TP, "strategy.cpu_offload=true"], [CLIP])},
     8: {"pp_fsdp_tp_sgd_clip": (MLP, "sgd", [*PP_FSDP_TP, "strategy.schedule=1f1b"], [CLIP]),
         # zero-bubble: split backward (I then W passes), two stages per rank in a V
         "pp_fsdp_tp_zbv_adamw_accum": (DEEP, "adamw", [*PP_FSDP_TP, "strategy.schedule=zbv",
                                                        "strategy.stages_per_rank=2"], ["trainer.grad_accum_steps=2"]),
         "hsdp_tp": (MLP, "adamw", [*FSDP_TP, "dist.dp_replicate=2"], []),
+        # the GPT cut in two stages (embedding + block, block + head), each tp-split and sharded
+        "pp_fsdp_tp_gpt": (GPT, "sgd", [*PP_FSDP_TP, "strategy.schedule=1f1b"], ["trainer.grad_clip=0.2"]),
         "pp_fsdp_tp_bf16": (MLP, "sgd", [*PP_FSDP_TP, "strategy.schedule=1f1b"], ["trainer.precision=bf16"]),
         "pp_fsdp_tp_ac_full": (MLP, "sgd", [*PP_FSDP_TP, "strategy.schedule=1f1b"],
                                ["memory.activation_checkpointing=full"])},
