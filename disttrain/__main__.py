@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, str] = {
     "prepare-data": "disttrain.data.prepare:main",
     "plan": "disttrain.plan.cli:main",       # predicted memory/step time per strategy (issue 7)
     "report": "disttrain.cli.report:main",   # PNG pictures of run dirs (issue 7)
+    "export": "disttrain.checkpoint.export:main",  # one safetensors/pt file of a checkpoint's model (issue 20)
 }
 
 

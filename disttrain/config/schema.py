@@ -51,6 +51,10 @@ class DistConfig:
 class TrainerConfig:
     max_steps: int = 100  # optimizer steps
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+    # samples per optimizer step over all data-parallel ranks; set, it fixes the data stream
+    # whatever the world size: grad_accum_steps = global_batch_size / (data.batch_size x dp ranks)
+    # (disttrain.engine.global_batch). null = data.batch_size x grad_accum_steps x dp ranks.
+    global_batch_size: Optional[int] = None
     seed: int = 0
     log_every: int = 10
     # auto (bar on a terminal, log lines otherwise) | bar | log
@@ -74,8 +78,13 @@ class CheckpointConfig:
     # 0 disables periodic checkpoints (a final one is still written)
     every_steps: int = 50
     keep: int = 3  # newest k complete checkpoints are kept
-    # auto (newest intact in this run dir) | never | a checkpoint path
+    # auto (newest intact in this run dir) | never | a checkpoint path (used only while this run
+    # dir has no checkpoint of its own, so a restart does not rewind to it)
     resume: str = "auto"
+    # block the loop only while the state is copied to host memory; write, hash and commit in
+    # the background (disttrain.checkpoint.background). Named async_save: `async` is a Python
+    # keyword, and this schema is dataclasses.
+    async_save: bool = False
 
 
 @dataclass

@@ -100,6 +100,14 @@ class Communicator:
         dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order of the job's group (small objects only)."""
+        if not self.active():
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def barrier(self) -> None:
         if self.active():
             dist.barrier(group=self.group)

@@ -87,7 +87,8 @@ def build_dataset(cfg: DictConfig) -> Dataset:
 def build_loader(cfg: DictConfig, dataset: Dataset, shard: tuple[int, int]) -> tuple[DataLoader, ResumableBatchSampler]:
     """A DataLoader over this rank's shard, driven by the resumable batch sampler."""
     sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, rank=shard[0], world_size=shard[1],
-                                    seed=cfg.trainer.seed, shuffle=cfg.data.get("shuffle", True))
+                                    seed=cfg.trainer.seed, shuffle=cfg.data.get("shuffle", True),
+                                    micro_per_step=int(OmegaConf.select(cfg, "trainer.grad_accum_steps", default=1)))
     loader = DataLoader(loader_settings.with_debug_delay(dataset, cfg), batch_sampler=sampler,
                         **loader_settings.loader_options(cfg, shard[0]))
     return loader, sampler

@@ -4,13 +4,13 @@ engine composes (data, precision, observe, memory, resilience, the strategy) to 
 own section; the lower layers never import each other for it."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from disttrain import memory, observe
 from disttrain.config.errors import ConfigError
 from disttrain.config.validate import check_core, import_target
 from disttrain.data import loader
-from disttrain.engine import compile as compile_
+from disttrain.engine import compile as compile_, global_batch
 from disttrain.resilience import guard
 from disttrain.strategies import precision
 from disttrain.strategies.capabilities import refusal, requested
@@ -19,6 +19,7 @@ from disttrain.strategies.capabilities import refusal, requested
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Raise ConfigError for the first bad setting found."""
     check_core(cfg)
+    cfg = global_batch.resolve(cfg, world_size)  # the accumulation the ranks will use
     for check in (loader.validate, precision.validate, observe.validate, memory.validate, guard.validate):
         try:
             check(cfg)
@@ -28,6 +29,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             raise ConfigError(str(exc)) from None
     strategy_cls = import_target(cfg.strategy._target_, "strategy")
     _check_capabilities(cfg, strategy_cls)
+    _check_async_save(cfg, strategy_cls)
     try:
         compile_.validate(cfg)  # after the strategy's refusal: that one is the better message
         strategy_cls.validate(cfg, world_size)
@@ -35,6 +37,17 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_async_save(cfg: DictConfig, strategy_cls) -> None:
+    """Background saves go through torch.distributed.checkpoint on every rank of the job; an
+    engine that owns its step also owns its checkpoint (DeepSpeed's format, the parameter
+    server's servers-only saves)."""
+    from disttrain.strategies.base import SelfStepping
+
+    if OmegaConf.select(cfg, "checkpoint.async_save", default=False) and issubclass(strategy_cls, SelfStepping):
+        raise ConfigError(f"checkpoint.async_save=true is not available with {strategy_cls.__name__}, which "
+                          "writes its own checkpoints: set checkpoint.async_save=false.")
 
 
 def _check_capabilities(cfg: DictConfig, strategy_cls) -> None:

@@ -9,11 +9,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from disttrain.distributed import comm
 from disttrain.config.schema import section
-from disttrain.engine import builders
+from disttrain.engine import builders, global_batch
 from disttrain.distributed import process_group as dist_setup
 from disttrain.distributed import env
 from disttrain.engine.evaluate import split_from_config
 from disttrain.resilience.guard import Guard
+from disttrain.checkpoint import origin
+from disttrain.checkpoint.background import BackgroundSaver
 from disttrain.checkpoint.commit import Checkpointer, CheckpointError, step_dirs
 from disttrain.observe.logs import setup_logging
 from disttrain.engine.loop import LoopParts, LoopSettings, train
@@ -33,7 +35,7 @@ def _agree_on_run_dir(run_dir: Path) -> Path:
     return Path(comm.get().broadcast_object(str(run_dir), src=0))
 
 
-def _restore(cfg: DictConfig, checkpointer: Checkpointer, engine, sampler) -> int:
+def _restore(cfg: DictConfig, checkpointer: Checkpointer, engine, sampler, rank: int) -> int:
     resume = str(cfg.checkpoint.resume)
     if resume == "never" and checkpointer.rank == 0 and step_dirs(checkpointer.root):
         raise CheckpointError(f"{checkpointer.root} already holds checkpoints and checkpoint.resume=never "
@@ -45,7 +47,10 @@ def _restore(cfg: DictConfig, checkpointer: Checkpointer, engine, sampler) -> in
     extra = checkpointer.load(directory, state, native=engine.native_checkpoint())
     engine.load_state_dict(state)
     sampler.load_state_dict(extra["sampler"])
-    set_rng_state(extra["rng"])
+    if "rng" in extra:
+        set_rng_state(extra["rng"])
+    else:  # written by another world size: the data order is the job's, the RNG streams start again
+        seed_everything(cfg.trainer.seed + rank + 7919 * int(extra["step"]))
     log.info("resumed from %s (step %d)", directory, extra["step"])
     return int(extra["step"])
 
@@ -53,6 +58,7 @@ def _restore(cfg: DictConfig, checkpointer: Checkpointer, engine, sampler) -> in
 def run_rank(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train on this rank; returns a small summary (rank 0's final loss and step)."""
     world = env.detect()
+    cfg = global_batch.resolve(cfg, world.world_size)  # trainer.global_batch_size -> grad_accum_steps
     device = dist_setup.init(world, cfg.dist.backend, cfg.dist.timeout_s)
     try:
         run_dir = _agree_on_run_dir(run_dir)
@@ -92,9 +98,11 @@ def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> tup
 
 def _loop_rank(cfg: DictConfig, world: env.World, device, run_dir: Path, strategy, engine, loader, sampler,
                val_set) -> dict[str, Any]:
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    background = BackgroundSaver() if section(cfg, "checkpoint").async_save else None
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, background=background,
+                                writer=origin.describe(cfg, strategy, world.world_size))
     checkpointer.clean_partial()
-    start = _restore(cfg, checkpointer, engine, sampler)
+    start = _restore(cfg, checkpointer, engine, sampler, world.rank)
 
     def save(step: int) -> None:
         extra = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
@@ -123,7 +131,10 @@ def _loop_rank(cfg: DictConfig, world: env.World, device, run_dir: Path, strateg
     try:
         meter.reset()  # the first interval's throughput must not count the set-up
         last = train(settings, parts, start)
+        checkpointer.wait()  # the last background save commits before the job reports done
     finally:
+        if background is not None:
+            background.close()
         guard.finish()
         progress.close()
         tensorboard.close()

@@ -90,6 +90,12 @@ class Strategy(abc.ABC):
         return cls.capabilities
 
     @classmethod
+    def data_parallel_degree(cls, cfg: DictConfig, world_size: int) -> int | None:
+        """How many ranks read different data (``data_shard()``'s count), known before any
+        worker starts; None where one optimizer step has no global batch (free-running workers)."""
+        return world_size
+
+    @classmethod
     def expendable_ranks(cls, cfg: DictConfig, world_size: int) -> frozenset[int]:
         """Ranks whose death the job survives (a launcher-free run keeps the others going)."""
         return frozenset()
@@ -138,8 +144,15 @@ class Strategy(abc.ABC):
             return self.model(inputs)
 
     def state_dict_options(self):
-        """torch.distributed.checkpoint StateDictOptions for model and optimizer, or None."""
-        return None
+        """torch.distributed.checkpoint StateDictOptions for model and optimizer.
+
+        The optimizer state is flattened to per-parameter keys (``optim.state.<fqn>.exp_avg``,
+        ``optim.param_groups.<fqn>.lr``) for every strategy, not kept per param-group index:
+        a pipeline stage holds a subset of the parameters, so group 0 of one layout is not
+        group 0 of another, and only FQN keys let one layout's checkpoint load into another."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(flatten_optimizer_state_dict=True)
 
     # ---- ranks outside the loop (the asynchronous parameter server's workers) ----------
     def loop_group(self) -> Any:

@@ -181,5 +181,9 @@ class FSDP(ReportsOncePerTPGroup, Strategy):
                           autocast=precision.autocast, scale=precision.scale)
         return self.once_per_tp_group(StepStats(loss=loss, samples=samples_of(micro_batches)))
 
+    @classmethod
+    def data_parallel_degree(cls, cfg: DictConfig, world_size: int) -> int:
+        return cls.layout(cfg, world_size).dp
+
     def data_shard(self) -> tuple[int, int]:
         return mesh_mod.dp_coordinate(self.mesh), self.sizes.dp

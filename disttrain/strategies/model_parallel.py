@@ -90,6 +90,11 @@ class ModelParallel(Strategy):
         else:
             tensor.check_divisible(factory_from_config(cfg).meta(), degrees.tp)
 
+    @classmethod
+    def data_parallel_degree(cls, cfg: DictConfig, world_size: int) -> int:
+        axis = "pp" if cfg.strategy.get("mode", "layer") == "layer" else "tp"
+        return mesh_mod.resolve_degrees(cfg, world_size, split_axis=axis).dp
+
     def setup(self, ctx: SetupContext) -> None:  # pragma: no cover - __new__ returns the implementation
         raise TypeError("ModelParallel() returns LayerParallel or TensorParallel")
 

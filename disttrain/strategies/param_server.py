@@ -95,6 +95,10 @@ class ParamServer(SelfStepping):
     def num_workers(self) -> int:
         return self.world.world_size - self.num_servers
 
+    @classmethod
+    def data_parallel_degree(cls, cfg: DictConfig, world_size: int) -> None:
+        return None  # workers step on their own: no step has a job-wide global batch
+
     def data_shard(self) -> tuple[int, int]:
         """Workers split the data among themselves; servers read none of it (the loop
         still fetches a batch per step on them, which they ignore)."""

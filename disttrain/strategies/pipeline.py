@@ -20,6 +20,13 @@ Gradient scaling: torch's schedules divide gradients by the micro-batch count by
 ``micro_batches * grad_accum_steps`` instead, so the step's gradient is exactly the
 unsplit model's gradient of the mean loss over the replica's batch, with or without
 accumulation, and the summed micro-batch losses are that batch's mean loss.
+
+Models that are not an nn.Sequential (Hugging Face transformers models, anything whose blocks
+live in an nn.ModuleList) are cut by module name (disttrain.parallel.fqn_split, one stage per
+rank): each stage runs the model's own forward between its blocks and receives the step's
+model inputs as keyword arguments (``model_input`` and, for dict inputs, attention mask /
+position ids); tied weights held by two stages get their gradients summed between them
+(disttrain.parallel.cut_pipeline).
 """
 from __future__ import annotations
 
@@ -29,12 +36,14 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.pipelining import PipelineStage
 
 from disttrain.distributed import comm
-from disttrain.parallel import mesh as mesh_mod, split, tensor
-from disttrain.parallel.materialize import factory_from_config, scratch_copy
+from disttrain.parallel import cut_pipeline, fqn_split, mesh as mesh_mod, split, stage_forward, tensor
+from disttrain.parallel import stage_materialize
+from disttrain.parallel.materialize import factory_from_config, scratch_copy, seeded_by_module
 from disttrain.parallel.timing import StageClock, stage_report
 from disttrain.strategies import pipeline_schedules as schedules
 from disttrain.strategies import composed
@@ -52,14 +61,23 @@ def _balance_value(balance: Any) -> Any:
     return list(balance) if isinstance(balance, (list, tuple, ListConfig)) else balance
 
 
+def _plain(value: Any) -> Any:
+    """A config list / dict as plain Python (None stays None)."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 class Pipeline(ReportsOncePerTPGroup, Strategy):
     """dp x pp (x tp): each pipeline rank holds its stage(s); the last stage computes the loss."""
 
     def __init__(self, micro_batches: int = 4, schedule: str = "1f1b", stages_per_rank: int = 1,
-                 balance: Any = "params", data_parallel: str = "replicate"):
+                 balance: Any = "params", data_parallel: str = "replicate", split_points: Any = None,
+                 tp_plan: Any = None):
         self.micro_batches, self.schedule_name = micro_batches, schedule
         self.stages_per_rank, self.balance = stages_per_rank, _balance_value(balance)
         self.data_parallel = data_parallel
+        self.split_points, self.tp_plan = _plain(split_points) or None, _plain(tp_plan) or None
+        self.cut_plan: fqn_split.CutPlan | None = None  # set for models cut by module name
+        self.tied = None
         self.last_report: dict[str, float] = {}
         self._evaluating = False
 
@@ -97,7 +115,11 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
                              "trainer.compile=true: the zero-bubble schedules split each stage's backward in two, "
                              "which torch rejects for compiled stages; "
                              "use strategy.schedule=1f1b (or gpipe, interleaved_1f1b), or trainer.compile=false.")
-        blocks = build_blocks(cfg)
+        meta = factory_from_config(cfg).meta()
+        if not isinstance(meta, nn.Sequential):
+            validate_cut(cfg, meta, layout.pp, layout.tp, s.schedule, _data_parallel(cfg), s.micro_batches)
+            return
+        blocks = split.blocks_of(meta)
         stages = layout.pp * s.stages_per_rank
         if stages > len(blocks):
             raise ValueError(f"dist.pp={layout.pp} x strategy.stages_per_rank={s.stages_per_rank} = {stages} "
@@ -112,16 +134,12 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
         self.world, self.device, self.batch_size = ctx.world, ctx.device, int(ctx.cfg.data.batch_size)
         self._build_mesh(ctx)
         num_stages = self.sizes.pp * self.stages_per_rank
-        blocks = split.blocks_of(ctx.model.meta())  # nothing allocated yet
-        counts = split.stage_counts(blocks, num_stages, self.balance, lambda: self._sample(ctx), self._agree,
-                                    materialize=lambda m: scratch_copy(m, ctx.device))
-        split.check_ranks_hold_parameters(blocks, counts, self.sizes.pp, self._rank_of)
-        # Looped placement (stage s on rank s % pp) or, for ZBV / DualPipeV, the V.
-        self.stage_ids = schedules.stage_ids(self.schedule_name, self.pp_rank, self.sizes.pp, self.stages_per_rank)
-        # Only this rank's stages get storage; each keeps the unsplit FQNs ("3.weight").
-        modules = [self._parallelize(ctx, split.stage_module(blocks, counts, s)) for s in self.stage_ids]
-        del blocks
-        self.model = split.union(modules)
+        meta = ctx.model.meta()  # nothing allocated yet
+        if isinstance(meta, nn.Sequential):
+            modules = self._sequential_stages(ctx, meta, num_stages)
+        else:
+            modules = [self._cut_stage(ctx, meta, num_stages)]
+            self.model = modules[0]
         self.precision = None
         for module in modules:
             _autocast_forward(module, self)
@@ -134,7 +152,40 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
                 schedules.allow_forward_only(stage)
         self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         self.schedule = self._make_schedule()
+
+    def _sequential_stages(self, ctx: SetupContext, meta: nn.Sequential, num_stages: int) -> list[nn.Module]:
+        """This rank's stages of an nn.Sequential: contiguous layers under their own names."""
+        blocks = split.blocks_of(meta)
+        counts = split.stage_counts(blocks, num_stages, self.balance, lambda: self._sample(ctx), self._agree,
+                                    materialize=lambda m: scratch_copy(m, ctx.device))
+        split.check_ranks_hold_parameters(blocks, counts, self.sizes.pp, self._rank_of)
+        # Looped placement (stage s on rank s % pp) or, for ZBV / DualPipeV, the V.
+        self.stage_ids = schedules.stage_ids(self.schedule_name, self.pp_rank, self.sizes.pp, self.stages_per_rank)
+        # Only this rank's stages get storage; each keeps the unsplit FQNs ("3.weight").
+        modules = [self._parallelize(ctx, split.stage_module(blocks, counts, s)) for s in self.stage_ids]
+        del blocks
+        self.model = split.union(modules)
         self.counts = counts
+        return modules
+
+    def _cut_stage(self, ctx: SetupContext, meta: nn.Module, num_stages: int) -> nn.Module:
+        """This rank's stage of a model cut by module name (one stage per rank): the meta
+        model without the other stages' blocks and modules, then tp / memory / materialize,
+        its forward entered and left at its blocks, tied copies made equal."""
+        self.cut_plan = plan = fqn_split.plan_cut(meta, self._sample(ctx))
+        self.counts = cut_pipeline.stage_counts(meta, plan, num_stages, self.balance, self.split_points)
+        self.stage_ids = [self.pp_rank]
+        start, stop = cut_pipeline.stage_bounds(self.counts, self.pp_rank)
+        whole_seeded = seeded_by_module(meta)
+        stage = fqn_split.cut(meta, plan, start, stop)
+        del meta
+        module = self._parallelize(ctx, stage, lambda m, in_place: stage_materialize.materialize(
+            ctx.model, m, ctx.device, in_place=in_place, whole_seeded=whole_seeded))
+        stage_forward.install(module, plan, self.pp_rank == 0, self.pp_rank == num_stages - 1,
+                              cut_pipeline.select_key(ctx.cfg))
+        self.tied = cut_pipeline.TiedCopies(plan, self.counts, module, self.mesh, self.pp_rank)
+        self.tied.start_equal()
+        return module
 
     def _build_mesh(self, ctx: SetupContext) -> None:
         """The one mesh: (dp, pp[, tp]) when replicas average, (dp_replicate, dp_shard, pp[, tp])
@@ -149,14 +200,18 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
         self.dp_rank = mesh_mod.dp_coordinate(self.mesh) if sharded else self.mesh.get_local_rank("dp")
         self.dp_group = None if sharded else self.mesh.get_group("dp")  # FSDP reduces within the schedule
 
-    def _parallelize(self, ctx: SetupContext, stage: torch.nn.Module) -> torch.nn.Module:
-        """One stage module (on meta): tensor plan, memory, then fully_shard or plain storage."""
+    def _parallelize(self, ctx: SetupContext, stage: torch.nn.Module, materialize=None) -> torch.nn.Module:
+        """One stage module (on meta): tensor plan, memory, then fully_shard or plain storage.
+        ``materialize(module, in_place)`` replaces the model factory's (cut models)."""
+        if materialize is None:
+            def materialize(module, in_place):
+                return (ctx.model.materialize_in_place if in_place else ctx.model.materialize)(module, ctx.device)
         if self.sizes.tp > 1:
-            stage = tensor.apply_tp(stage, self.mesh["tp"])
+            stage = tensor.apply_tp(stage, self.mesh["tp"], self.tp_plan)
         if self.data_parallel == "replicate":
-            return ctx.apply_memory(ctx.model.materialize(stage, ctx.device))
+            return ctx.apply_memory(materialize(stage, False))
         stage = shard_model(ctx.apply_memory(stage), mesh_mod.dp_submesh(self.mesh), False, ctx.settings.precision)
-        return ctx.model.materialize_in_place(stage, ctx.device)
+        return materialize(stage, True)
 
     def _make_schedule(self):
         cls = schedules.schedule_class(self.schedule_name)
@@ -169,7 +224,8 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
     def _sample(self, ctx: SetupContext) -> torch.Tensor:
         dataset = ctx.build_dataset()
         size = max(1, ctx.cfg.data.batch_size // self.micro_batches)
-        return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(size)]).to(ctx.device)
+        return torch.stack([torch.as_tensor(cut_pipeline.split_inputs(dataset[i][0])[0])
+                            for i in range(size)]).to(ctx.device)
 
     def _agree(self, weights: list[float]) -> list[float]:
         """Average measured layer times over all ranks: every rank must choose the same split."""
@@ -189,19 +245,28 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
         self._loss_fn, self._loss_scale = loss_fn, 1.0 / (self.micro_batches * len(micro_batches))
         start = time.perf_counter()
         for inputs, targets in micro_batches:
-            args = (inputs,) if self.is_first else ()
+            first, kwargs = self._stage_inputs(inputs)
+            args = (first,) if self.is_first else ()
             step_losses: list[torch.Tensor] = []  # the schedule refills its list each step
             self.schedule.step(*args, target=targets if self.is_last else None,
-                               losses=step_losses if self.is_last else None, return_outputs=False)
+                               losses=step_losses if self.is_last else None, return_outputs=False, **kwargs)
             losses += step_losses
         wall = time.perf_counter() - start
+        if self.tied:  # before the data-parallel average: the copies' sum is the tensor's gradient
+            self.tied.sum_gradients()
         if self.dp_group is not None:  # replicate; under shard, FSDP reduce-scattered in the schedule
             mesh_mod.average_gradients(list(self.model.parameters()), self.dp_group, self.sizes.dp)
         self.last_report = stage_report(self.clock.take(), wall, self.pp_group, self._theory())
         total = torch.stack([self._unscaled[id(l)] for l in losses]).sum() if self.is_last else None
         self._unscaled = {}
-        samples = samples_of(micro_batches) if self.is_last else 0
+        samples = sum(len(self._stage_inputs(b[0])[0]) for b in micro_batches) if self.is_last else 0
         return self.once_per_tp_group(StepStats(loss=total, samples=samples, extra=dict(self.last_report)))
+
+    def _stage_inputs(self, inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(first stage's argument, keyword inputs of every stage): a cut model's stages all
+        call the model's forward, so they all get the model input and its extra arguments."""
+        first, extras = cut_pipeline.split_inputs(inputs)
+        return (first, {"model_input": first, **extras}) if self.cut_plan is not None else (first, {})
 
     def _theory(self) -> float:
         return schedules.theory(self.schedule_name, self.schedule, self.sizes.pp, self.micro_batches,
@@ -216,9 +281,10 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
         size = len(inputs)
         padded = _pad_to(inputs, self.batch_size)
         try:
-            args = (padded,) if self.is_first else ()
+            first, kwargs = self._stage_inputs(padded)
+            args = (first,) if self.is_first else ()
             target = torch.zeros(len(padded), device=self.device) if self.is_last else None
-            outputs = self.schedule.eval(*args, target=target, losses=[] if self.is_last else None)
+            outputs = self.schedule.eval(*args, target=target, losses=[] if self.is_last else None, **kwargs)
         finally:
             self._evaluating = False
         return outputs[:size] if self.is_last and self.tp_rank == 0 else None
@@ -241,6 +307,10 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
     # flattened to per-parameter keys ("param_groups.<fqn>.lr"), unique to the owning stage.
     def state_dict_options(self):
         return _FLAT
+
+    @classmethod
+    def data_parallel_degree(cls, cfg: DictConfig, world_size: int) -> int:
+        return cls.layout(cfg, world_size, _data_parallel(cfg)).dp
 
     def data_shard(self) -> tuple[int, int]:
         # All stages of one replica must see the same batch (the first feeds inputs, the
@@ -314,6 +384,25 @@ def check_stage_tp(blocks: list, counts: list[int] | None, tp: int) -> None:
         except ValueError as exc:
             where = f"pipeline stage {index} (layers {', '.join(n for n, _ in part.named_children())})"
             raise ValueError(f"{where}: {exc}") from None
+
+
+def validate_cut(cfg: DictConfig, meta: nn.Module, pp: int, tp: int, schedule: str, data_parallel: str,
+                 micro_batches: int) -> None:
+    """Pre-flight for a model cut by module name: it can be cut (traced on meta), the
+    schedule runs one stage per rank, the stages and the tensor plan fit, and it can be
+    initialised under the chosen data parallelism."""
+    s = cfg.strategy
+    cut_pipeline.check_schedule(schedule, meta)
+    sample = cut_pipeline.sample_input(cfg, cfg.data.batch_size // max(1, micro_batches))
+    plan = fqn_split.plan_cut(meta, sample)
+    cut_pipeline.stage_counts(meta, plan, pp, _balance_value(s.get("balance", "params")),
+                              _plain(s.get("split_points", None)))
+    if tp > 1:
+        tensor.check_divisible(meta, tp, _plain(s.get("tp_plan", None)))
+    if data_parallel == "shard" and not seeded_by_module(meta):
+        raise ValueError(f"strategy.data_parallel=shard cannot initialise stages of {type(meta).__name__} (modules "
+                         "without reset_parameters(): initialised from one real build): use "
+                         "strategy.data_parallel=replicate.")
 
 
 def build_blocks(cfg: DictConfig) -> list:

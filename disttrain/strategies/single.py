@@ -15,6 +15,10 @@ class Single(Strategy):
         loss = accumulate(self.model, micro_batches, loss_fn, autocast=precision.autocast, scale=precision.scale)
         return StepStats(loss=loss, samples=samples_of(micro_batches))
 
+    @classmethod
+    def data_parallel_degree(cls, cfg, world_size: int) -> int:
+        return 1
+
     def data_shard(self) -> tuple[int, int]:
         return 0, 1
 

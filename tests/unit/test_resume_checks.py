@@ -1,0 +1,112 @@
+"""Resume anywhere, the parts that need no process group: what a checkpoint records about its
+writer and what a resume refuses (another model, DeepSpeed's format, code in a file), the
+weights-only extras, and ``trainer.global_batch_size``'s derived accumulation."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from disttrain.checkpoint import extras, origin
+from disttrain.checkpoint.commit import Checkpointer, CheckpointError
+from disttrain.checkpoint.manifest import read_manifest
+from disttrain.config.errors import ConfigError
+from disttrain.engine import global_batch
+
+
+def _cfg(**over):
+    base = {"strategy": {"_target_": "disttrain.strategies.ddp.DDP"}, "trainer": {"precision": 32, "grad_accum_steps": 1},
+            "model": {"_target_": "disttrain.models.mlp.mlp", "hidden": 32, "depth": 3},
+            "data": {"batch_size": 4}, "dist": {}}
+    return OmegaConf.merge(base, over)
+
+
+class _Strategy:
+    def __init__(self, dp):
+        self.dp = dp
+
+    def data_shard(self):
+        return 0, self.dp
+
+
+def test_the_manifest_records_the_writer_and_a_same_model_resume_passes(tmp_path):
+    writer = origin.describe(_cfg(), _Strategy(2), 2)
+    checkpointer = Checkpointer(tmp_path, writer=writer)
+    path = checkpointer.save(3, {"w": torch.ones(2)}, {"step": 3})
+    recorded = read_manifest(path)["writer"]
+    assert recorded["strategy"] == "ddp" and recorded["world_size"] == 2 and recorded["degrees"]["dp"] == 2
+    assert recorded["model"]["hidden"] == 32 and len(recorded["model_hash"]) == 16
+    assert (tmp_path / "latest").read_text() == path.name
+    assert Checkpointer(tmp_path, writer=writer).check_origin(path) is True
+
+
+def test_another_model_is_refused_in_one_line_naming_the_keys(tmp_path):
+    path = Checkpointer(tmp_path, writer=origin.describe(_cfg(), _Strategy(2), 2)).save(1, {"w": torch.ones(2)}, {"step": 1})
+    other = Checkpointer(tmp_path, writer=origin.describe(_cfg(model={"hidden": 64}), _Strategy(1), 1))
+    with pytest.raises(CheckpointError) as caught:
+        other.check_origin(path)
+    message = str(caught.value)
+    assert "\n" not in message and "model.hidden=32 there, 64 here" in message and "hydra.run.dir" in message
+
+
+def test_another_world_size_or_strategy_is_a_resharding_not_a_refusal():
+    written = origin.describe(_cfg(), _Strategy(2), 2)
+    now = origin.describe(_cfg(strategy={"_target_": "disttrain.strategies.pipeline.Pipeline"}), _Strategy(1), 2)
+    reshard, refusal = origin.compare(written, now, Path("step_00000002"))
+    assert refusal is None and "written by ddp on 2 rank(s)" in reshard and "resumed as pipeline" in reshard
+    assert origin.compare(written, written, Path("x")) == (None, None)
+
+
+def test_deepspeed_and_dcp_checkpoints_are_refused_across(tmp_path):
+    written = origin.describe(_cfg(strategy={"_target_": "disttrain.strategies.deepspeed.DeepSpeed"}), _Strategy(2), 2)
+    _, refusal = origin.compare(written, origin.describe(_cfg(), _Strategy(2), 2), Path("s"))
+    assert "deepspeed" in refusal and "disttrain export" in refusal
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # what a crafted checkpoint would do: call something when unpickled
+        return (Path.touch, (self.marker,))
+
+
+def test_extras_holding_a_pickled_callable_are_refused_not_run(tmp_path):
+    marker, path = tmp_path / "ran", tmp_path / "extra_rank0.pt"
+    torch.save({"step": 1, "payload": _Payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(extras.UnsafeCheckpoint, match="would run code"):
+        extras.load(path)
+    assert not marker.exists()
+    with open(path, "rb") as handle:  # the same file under a plain unpickler does run it
+        torch.load(handle, weights_only=False)
+    assert marker.exists()
+
+
+def test_the_real_extras_load_weights_only(tmp_path):
+    from disttrain.data.sampler import ResumableBatchSampler
+    from disttrain.engine.rng import rng_state
+
+    extra = {"step": 5, "sampler": ResumableBatchSampler(64, 4).state_dict(), "rng": rng_state()}
+    extras.save(extra, tmp_path / "e.pt")
+    loaded = extras.load(tmp_path / "e.pt")
+    assert loaded["sampler"] == extra["sampler"] and torch.equal(loaded["rng"]["torch"], extra["rng"]["torch"])
+
+
+@pytest.mark.parametrize("world, batch, accum", [(1, 4, 4), (2, 4, 2), (4, 4, 1), (2, 2, 4)])
+def test_global_batch_size_derives_the_accumulation(world, batch, accum):
+    cfg = _cfg(trainer={"global_batch_size": 16}, data={"batch_size": batch})
+    assert global_batch.resolve(cfg, world).trainer.grad_accum_steps == accum
+
+
+def test_global_batch_size_that_does_not_divide_is_refused():
+    with pytest.raises(ConfigError, match=r"trainer.global_batch_size=16 is not a multiple of data.batch_size=4 x 3"):
+        global_batch.resolve(_cfg(trainer={"global_batch_size": 16}), 3)
+    with pytest.raises(ConfigError, match="contradicts"):
+        global_batch.resolve(_cfg(trainer={"global_batch_size": 16, "grad_accum_steps": 3}), 2)
+    with pytest.raises(ConfigError, match="not defined for ParamServer"):
+        global_batch.resolve(_cfg(trainer={"global_batch_size": 16},
+                                  strategy={"_target_": "disttrain.strategies.param_server.ParamServer"}), 3)
