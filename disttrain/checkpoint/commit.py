@@ -74,11 +74,12 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
+        delay = self.write_delay_s  # read now: the guard resets it when save returns
         if self.background is not None:  # blocks while the state is staged, then returns
             self.background.submit(state, lambda staged, group: self._write_and_commit(
-                step, tmp, final, staged, extra, None, _GroupOps(group)))
+                step, tmp, final, staged, extra, None, _GroupOps(group), delay))
             return final
-        self._write_and_commit(step, tmp, final, state, extra, native, _GroupOps(None))
+        self._write_and_commit(step, tmp, final, state, extra, native, _GroupOps(None), delay)
         return final
 
     def wait(self) -> None:
@@ -86,14 +87,15 @@ class Checkpointer:
         if self.background is not None:
             self.background.wait()
 
-    def _write_and_commit(self, step: int, tmp: Path, final: Path, state, extra, native, ops: "_GroupOps") -> None:
+    def _write_and_commit(self, step: int, tmp: Path, final: Path, state, extra, native, ops: "_GroupOps",
+                          delay: float = 0.0) -> None:
         if native is not None:  # an engine's own format (DeepSpeed's)
             native.save_checkpoint(tmp)
         else:
             dcp.save(state, checkpoint_id=str(tmp), process_group=ops.group or comm.get().group)
         extras.save(extra, tmp / f"extra_rank{self.rank}.pt")
-        if self.write_delay_s:  # debug (fault.debug.save_delay_s): a window to kill a write midway
-            time.sleep(self.write_delay_s)
+        if delay:  # debug (fault.debug.save_delay_s): a window to kill a write midway
+            time.sleep(delay)
         ops.barrier()
         shares = ops.gather(hash_share(tmp, ops.rank(), ops.size()))  # each rank hashes its share
         if self.rank == 0:
@@ -104,6 +106,8 @@ class Checkpointer:
             fsync_dir(self.root)
             fsync_write(self.root / LATEST, final.name)
             self._prune()
+            if ops.group is not None:
+                log.info("checkpoint committed: %s", final)
         ops.barrier()
 
     def _prune(self) -> None:

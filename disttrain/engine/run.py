@@ -107,7 +107,11 @@ def _loop_rank(cfg: DictConfig, world: env.World, device, run_dir: Path, strateg
     def save(step: int) -> None:
         extra = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
         path = checkpointer.save(step, engine.state_dict(), extra, native=engine.native_checkpoint())
-        log.info("checkpoint saved: %s", path)
+        if background is None:
+            log.info("checkpoint saved: %s", path)
+        else:
+            log.info("checkpoint staged: %s (the loop blocked %.3f s; written and committed in the background)",
+                     path, background.last_blocking_s)
 
     meter = Meter(device)
     tensorboard = TensorBoard(run_dir, enabled=world.rank == 0)

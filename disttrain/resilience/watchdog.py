@@ -87,7 +87,9 @@ class Watchdog(threading.Thread):
             self.store.set(f"rank{self.rank}", json.dumps(record))
             if self.store.check(["hang"]):
                 self._fail(self.store.get("hang").decode())
-        if record["idle_s"] > self.deadline_s:
+        # A save is not a hang: a large checkpoint may take longer than the deadline, and its
+        # own collectives are bounded by dist.timeout_s (a rank that dies mid-save ends them).
+        if record["idle_s"] > self.deadline_s and PHASES[beat.phase] != "checkpoint save":
             message = self.diagnose()
             if self.store is not None:  # first rank to notice wins; the others report its message
                 message = self.store.compare_set("hang", "", message).decode() or message

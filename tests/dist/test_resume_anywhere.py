@@ -45,6 +45,7 @@ def _first_halves(rank, world, tmp):
     tmp = Path(tmp)
     for first in ("ddp_b4", "pipeline"):
         _run(tmp / f"first_{first}", first, SAVE_AT)
+    _run(tmp / "async", "ddp_b4", STEPS, "checkpoint.async_save=true")  # saves at 2 and 4 in the background
 
 
 def _second_halves(rank, world, tmp):
@@ -54,6 +55,8 @@ def _second_halves(rank, world, tmp):
     for name, (_, second, ranks) in RESUMES.items():
         if ranks == world:
             _run(tmp / name, second, STEPS)
+    if world == 2:
+        _run(tmp / "async_resumed", "ddp_b4", STEPS, "checkpoint.async_save=true")
     if world == 2:  # an explicit resume path is not re-applied once the run dir has checkpoints
         source = tmp / "first_ddp_b4" / "checkpoints" / f"step_{SAVE_AT:08d}"
         _run(tmp / "explicit", "ddp_b4", STEPS, f"checkpoint.resume={source}")
@@ -69,10 +72,13 @@ def runs(tmp_path_factory):
     for name, (first, _, _) in RESUMES.items():
         (tmp / name).mkdir()
         shutil.copytree(tmp / f"first_{first}" / "checkpoints", tmp / name / "checkpoints")
+    step_2 = f"step_{SAVE_AT:08d}"
+    shutil.copytree(tmp / "async" / "checkpoints" / step_2, tmp / "async_resumed" / "checkpoints" / step_2)
     for world in (1, 2, 4):
         spawn(_second_halves, world, str(tmp), timeout=240)
     reference = load_model_state(tmp / "reference")
-    return {"tmp": tmp, "diff": {name: mx.max_diff(load_model_state(tmp / name), reference) for name in RESUMES},
+    names = [*RESUMES, "async", "async_resumed"]
+    return {"tmp": tmp, "diff": {name: mx.max_diff(load_model_state(tmp / name), reference) for name in names},
             "control": mx.max_diff(load_model_state(tmp / "first_ddp_b4"), reference)}
 
 
@@ -81,6 +87,15 @@ def test_resumed_on_another_layout_equals_the_uninterrupted_single_run(runs, nam
     log = (runs["tmp"] / name / "train.log").read_text()
     assert f"(step {SAVE_AT})" in log and "resumed from" in log
     assert runs["diff"][name] <= TOL, runs["diff"]
+
+
+@pytest.mark.parametrize("name", ["async", "async_resumed"])
+def test_background_saves_hold_the_same_state(runs, name):
+    """checkpoint.async_save=true: the run's step-4 checkpoint, and a run resumed from its
+    step-2 checkpoint, equal the uninterrupted reference; the loop logged the staging."""
+    assert runs["diff"][name] <= TOL, runs["diff"]
+    log = (runs["tmp"] / name / "train.log").read_text()
+    assert "written and committed in the background" in log and f"checkpoint committed: " in log
 
 
 def test_the_reference_moved_after_the_checkpoint(runs):

@@ -91,3 +91,16 @@ def test_stop_poll_stays_on_the_strategys_multiple_and_stops_at_a_poll():
     polled, stopped = _run_poll(0.25, 0.010, 200, multiple=10, stop_at=60)
     assert all(step % 10 == 0 for step in polled) and polled[:3] == [10, 40, 70]
     assert stopped == 70  # the first poll after the signal, the same step on every rank
+
+
+@pytest.mark.parametrize("phase, fails", [("checkpoint save", False), ("data loader", True)])
+def test_a_long_save_is_not_a_hang_but_a_stalled_loader_is(tmp_path, monkeypatch, phase, fails):
+    """A checkpoint larger than the deadline takes longer than it (its collectives are bounded by
+    dist.timeout_s); the watchdog must not turn it into a hang and a restart loop."""
+    watchdog = Watchdog(Heartbeat(), 0, 1, tmp_path, deadline_s=0.01)
+    failed = []
+    monkeypatch.setattr(watchdog, "_fail", failed.append)
+    watchdog.heartbeat.enter(phase, 7)
+    watchdog.heartbeat.since -= 5.0  # idle for 5 s, far past the deadline
+    watchdog._tick()
+    assert bool(failed) == fails, failed
