@@ -13,20 +13,16 @@ blocks <= 10% of the sync save. Rows: bench/results/async_checkpoint.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-RESULTS = ROOT / "bench" / "results" / "async_checkpoint.jsonl"
 PIECES = 8  # tensors per rank
 
 
@@ -65,7 +61,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0, help="state size over both ranks")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from ddp_overhead import _git
+    import results_row
 
     from disttrain.testing import spawn
 
@@ -79,13 +75,8 @@ def main() -> None:
     print(f"{'':>6} {'loop blocked s':>15} {'until committed s':>18}")
     print(f"{'sync':>6} {median['sync_block_s']:>15.3f} {median['sync_block_s']:>18.3f}")
     print(f"{'async':>6} {median['async_block_s']:>15.3f} {median['async_commit_s']:>18.3f}")
-    row = {"bench": "async_checkpoint", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
-           "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "gib": args.gib, "ranks": 2, "rounds": args.rounds, **worst, "async/sync blocking": round(ratio, 4)}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
+    results_row.append("async_checkpoint", gib=args.gib, ranks=2, rounds=args.rounds, **worst,
+                       **{"async/sync blocking": round(ratio, 4)})
     print(f"async_checkpoint: loop blocked async/sync {ratio:.3f} "
           f"({median['async_block_s']:.3f} s vs {median['sync_block_s']:.3f} s for {args.gib:.2f} GiB)")
 

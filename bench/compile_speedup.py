@@ -12,19 +12,11 @@ Appends one JSON line per run to bench/results/compile_speedup.jsonl; the last l
 """
 from __future__ import annotations
 
-import datetime
-import json
 import statistics
-import uuid
-from pathlib import Path
 
-import torch
-
-from ddp_overhead import _git  # the commit for the rows, as the other benchmarks write it
+import results_row
 from precision import parse_args, run  # one rank through the run's own engine, median step after warm-up
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "compile_speedup.jsonl"
 VARIANTS = {"eager": (), "compiled": ("trainer.compile=true",)}
 
 
@@ -46,14 +38,9 @@ def main() -> None:
     for name in VARIANTS:
         print(f"{name:>9} {median[name] * 1e3:>8.2f} {statistics.median(first[name]):>13.2f} "
               f"{statistics.median(losses[name]):>8.4f}")
-    row = {"bench": "compile_speedup", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
-           "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": args.device, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
-           "step_s": steps, "first_step_s": first, "loss": losses, "eager/compiled": round(ratio, 4)}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
+    results_row.append("compile_speedup", device=args.device, batch=args.batch, steps=args.steps,
+                       rounds=args.rounds, step_s=steps, first_step_s=first, loss=losses,
+                       **{"eager/compiled": round(ratio, 4)})
     print(f"compile_speedup: eager/compiled step time {ratio:.2f}, "
           f"first compiled step {statistics.median(first['compiled']):.1f} s")
 
