@@ -139,22 +139,26 @@ class Checkpointer:
             raise CheckpointError(choice[0][1])
         return Path(choice[0]) if choice[0] else None
 
-    def check_origin(self, directory: Path) -> bool:
-        """Refuse a checkpoint of another model (one line); report a resharding. True when the
-        checkpoint was written by the same world size (its per-rank extras are this rank's)."""
+    def check_origin(self, directory: Path) -> tuple[bool, bool]:
+        """Refuse a checkpoint of another model (one line); report a resharding. Returns (same
+        world size: its per-rank extras are this rank's, model weights only: DeepSpeed's format
+        read by another strategy)."""
         written = read_manifest(directory).get("writer", {})
         reshard, refusal = origin.compare(written, self.writer, directory) if self.writer else (None, None)
         if refusal:
             raise CheckpointError(refusal)
         if reshard and self.rank == 0:
             log.warning("%s", reshard)
-        return not written or written.get("world_size") == self.writer.get("world_size", written.get("world_size"))
+        same = not written or written.get("world_size") == self.writer.get("world_size", written.get("world_size"))
+        return same, bool(reshard and reshard.startswith(origin.WEIGHTS_ONLY))
 
     def load(self, directory: Path, state: dict[str, Any], native: Any = None) -> dict[str, Any]:
         """Fill ``state`` in place from ``directory`` (or ``native.load_checkpoint`` it); return
         this rank's extras. Written by another world size: rank 0's extras without its RNG
         streams (the sampler position is the job's; the caller re-seeds the RNGs)."""
-        same_world = self.check_origin(directory)
+        same_world, weights_only = self.check_origin(directory)
+        if weights_only:  # state is left alone; the caller loads these weights instead
+            return {**extras.load(directory / "extra_rank0.pt"), "rng": None, "weights": full_model_state(directory)}
         if native is not None:
             native.load_checkpoint(directory)
         else:
@@ -199,7 +203,11 @@ class _GroupOps:
 
 def load_model_state(run_dir: str | os.PathLike, step: int | None = None) -> dict[str, torch.Tensor]:
     """The full (unsplit) model state dict of a run's newest intact checkpoint, or of ``step``."""
-    directory = checkpoint_dir(run_dir, step)
+    return full_model_state(checkpoint_dir(run_dir, step))
+
+
+def full_model_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict held by one checkpoint directory, whatever wrote it."""
     if (directory / "native.json").is_file():  # a strategy's own format names its full-state reader
         from disttrain.config.validate import import_target
 

@@ -14,6 +14,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
+#: the start of compare()'s message when only the model weights can be carried over
+WEIGHTS_ONLY = "model weights only"
+
+
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
@@ -62,12 +66,15 @@ def compare(written: dict[str, Any], now: dict[str, Any], directory: Any) -> tup
                 for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)]
         return None, (f"checkpoint {directory} was written for another model ({'; '.join(diff[:4]) or 'model config differs'}): "
                       "resume with the model it was written for, or start a new run dir (hydra.run.dir=...).")
-    native = {"deepspeed"}
-    if (written.get("strategy") in native) != (now["strategy"] in native):
+    if now["strategy"] == "deepspeed" and written.get("strategy") != "deepspeed":
         return None, (f"checkpoint {directory} was written by {written.get('strategy')} and this run is "
-                      f"{now['strategy']}: DeepSpeed's own format and torch.distributed.checkpoint do not load "
-                      "into each other; resume with the same kind of strategy, or export the weights "
-                      "(disttrain export RUN_DIR) and start a new run from them.")
+                      "deepspeed, whose engine reads only its own format: resume with the strategy that wrote "
+                      "it (or any other but deepspeed), or export the weights (disttrain export RUN_DIR) and "
+                      "start a new run from them.")
+    if written.get("strategy") == "deepspeed" and now["strategy"] != "deepspeed":
+        return (f"{WEIGHTS_ONLY}: checkpoint {getattr(directory, 'name', directory)} is DeepSpeed's own format; "
+                f"{now['strategy']} loads its model weights, step and data position, and the optimizer "
+                "state starts again"), None
     changes = [key for key in ("strategy", "world_size", "degrees", "precision") if written.get(key) != now.get(key)]
     if not changes:
         return None, None

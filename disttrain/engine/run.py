@@ -45,9 +45,12 @@ def _restore(cfg: DictConfig, checkpointer: Checkpointer, engine, sampler, rank:
         return 0
     state = engine.state_dict()
     extra = checkpointer.load(directory, state, native=engine.native_checkpoint())
-    engine.load_state_dict(state)
+    if "weights" in extra:  # another engine's format: the model weights only
+        engine.load_weights(extra.pop("weights"))
+    else:
+        engine.load_state_dict(state)
     sampler.load_state_dict(extra["sampler"])
-    if "rng" in extra:
+    if extra.get("rng") is not None:
         set_rng_state(extra["rng"])
     else:  # written by another world size: the data order is the job's, the RNG streams start again
         seed_everything(cfg.trainer.seed + rank + 7919 * int(extra["step"]))

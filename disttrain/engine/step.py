@@ -66,6 +66,18 @@ class Engine:
         if "precision" in state:
             self.precision.load_state_dict(state["precision"])
 
+    def load_weights(self, full: dict[str, Any]) -> None:
+        """The full model's weights (another engine's checkpoint) into this rank's part: a stage
+        takes its own keys, a shard its slice; the optimizer state starts again."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        mine = {name for name, _ in self.model.state_dict().items()}
+        set_model_state_dict(self.model, {k: v for k, v in full.items() if k in mine},
+                             options=StateDictOptions(full_state_dict=True))
+        # get_state_dict (called to build the restore target) initialises the optimizer state
+        # with a zero-gradient step; a fresh start must not count it (Adam's bias correction)
+        self.optimizer.state.clear()
+
     def native_checkpoint(self):
         return None
 
@@ -105,6 +117,10 @@ class SelfSteppingEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strategy.load_state_dict(state)
+
+    def load_weights(self, full: dict[str, Any]) -> None:
+        raise RuntimeError(f"{type(self.strategy).__name__} cannot start from another engine's weights: resume "
+                           "it from its own checkpoints, or start a new run dir.")
 
     def native_checkpoint(self):
         return self.strategy.native_checkpoint()

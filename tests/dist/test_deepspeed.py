@@ -118,6 +118,16 @@ def test_deepspeed_checkpoint_resume_and_full_state(tmp_path):
         assert torch.equal(straight[key], resumed[key]), key  # resumed run = uninterrupted run, bitwise
         assert not torch.equal(straight[key], at_three[key]), key  # and steps 4-6 trained
 
+    # ddp from the same DeepSpeed checkpoint: its model weights, step and data position; the
+    # optimizer starts again, so step 4 is a first AdamW step: every weight moves by ~lr (+-)
+    ddp = [arg for arg in common if not arg.startswith("strategy.")]
+    ddp[ddp.index("strategy=deepspeed")] = "strategy=ddp"
+    run_disttrain([*ddp, "trainer.max_steps=4", f"checkpoint.resume={middle}"], tmp_path / "to_ddp", timeout=600)
+    log = (tmp_path / "to_ddp" / "train.log").read_text()
+    assert f"resumed from {middle} (step 3)" in log and "model weights only" in log
+    moved = torch.cat([(load_model_state(tmp_path / "to_ddp")[k] - at_three[k]).abs().flatten() for k in plain])
+    assert 0.9e-3 < moved.median().item() < 1.1e-3, moved.median()  # optim.lr=0.001
+
 
 def test_missing_deepspeed_says_how_to_install(tmp_path):
     shadow = tmp_path / "shadow" / "deepspeed"

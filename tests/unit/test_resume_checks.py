@@ -40,7 +40,7 @@ def test_the_manifest_records_the_writer_and_a_same_model_resume_passes(tmp_path
     assert recorded["strategy"] == "ddp" and recorded["world_size"] == 2 and recorded["degrees"]["dp"] == 2
     assert recorded["model"]["hidden"] == 32 and len(recorded["model_hash"]) == 16
     assert (tmp_path / "latest").read_text() == path.name
-    assert Checkpointer(tmp_path, writer=writer).check_origin(path) is True
+    assert Checkpointer(tmp_path, writer=writer).check_origin(path) == (True, False)
 
 
 def test_another_model_is_refused_in_one_line_naming_the_keys(tmp_path):
@@ -60,9 +60,12 @@ def test_another_world_size_or_strategy_is_a_resharding_not_a_refusal():
     assert origin.compare(written, written, Path("x")) == (None, None)
 
 
-def test_deepspeed_and_dcp_checkpoints_are_refused_across(tmp_path):
-    written = origin.describe(_cfg(strategy={"_target_": "disttrain.strategies.deepspeed.DeepSpeed"}), _Strategy(2), 2)
-    _, refusal = origin.compare(written, origin.describe(_cfg(), _Strategy(2), 2), Path("s"))
+def test_a_deepspeed_checkpoint_gives_other_strategies_its_weights_and_takes_none():
+    deepspeed = origin.describe(_cfg(strategy={"_target_": "disttrain.strategies.deepspeed.DeepSpeed"}), _Strategy(2), 2)
+    ddp = origin.describe(_cfg(), _Strategy(2), 2)
+    weights, refusal = origin.compare(deepspeed, ddp, Path("step_3"))
+    assert refusal is None and weights.startswith(origin.WEIGHTS_ONLY) and "optimizer state starts again" in weights
+    _, refusal = origin.compare(ddp, deepspeed, Path("s"))
     assert "deepspeed" in refusal and "disttrain export" in refusal
 
 
