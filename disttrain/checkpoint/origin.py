@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,15 +41,51 @@ def strategy_name(cfg: DictConfig) -> str:
     return f"{name}:{cfg.strategy.get('mode', 'layer')}" if name == "model_parallel" else name
 
 
+def _digest(model: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def describe(cfg: DictConfig, strategy: Any, world_size: int) -> dict[str, Any]:
     """What the manifest records about the run that writes a checkpoint."""
     model = model_config(cfg)
-    digest = hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = _digest(model)
     dp = strategy.data_shard()[1] if hasattr(strategy, "data_shard") else world_size
     return {"strategy": strategy_name(cfg), "world_size": world_size,
             "degrees": {"dp": dp, **{axis: OmegaConf.select(cfg, f"dist.{axis}", default=None) for axis in ("pp", "tp")}},
             "precision": str(cfg.trainer.precision), "model_class": str(model.get("_target_", "")),
             "model_hash": digest, "model": model}
+
+
+def _other_model(written: dict[str, Any], model: dict[str, Any], directory: Any) -> str | None:
+    if written.get("model_hash") in (None, _digest(model)):
+        return None
+    there, here = _flat(written.get("model", {})), _flat(model)
+    diff = [f"model.{k}={there.get(k)!r} there, {here.get(k)!r} here"
+            for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)]
+    return (f"checkpoint {directory} was written for another model ({'; '.join(diff[:4]) or 'model config differs'}): "
+            "resume with the model it was written for, or start a new run dir (hydra.run.dir=...).")
+
+
+def refuse_other_model(cfg: DictConfig, run_dir: Path) -> None:
+    """Before any worker starts: the checkpoint this run would resume from was written for
+    the configured model (read from its manifest; the full check runs again at restore)."""
+    from disttrain.checkpoint.manifest import MANIFEST, read_manifest, step_dirs
+    from disttrain.config.errors import ConfigError
+
+    resume = str(OmegaConf.select(cfg, "checkpoint.resume", default="auto"))
+    if resume == "never":
+        return
+    own = [d for d in step_dirs(Path(run_dir) / "checkpoints") if (d / MANIFEST).is_file()]
+    directory = own[0] if own else (Path(resume) if resume != "auto" and (Path(resume) / MANIFEST).is_file() else None)
+    if directory is None:
+        return
+    try:
+        written = read_manifest(directory).get("writer", {})
+    except ValueError:  # unreadable: the restore skips it with the reason
+        return
+    refusal = _other_model(written, model_config(cfg), directory)
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def _layout(writer: dict[str, Any]) -> str:
@@ -60,12 +97,9 @@ def compare(written: dict[str, Any], now: dict[str, Any], directory: Any) -> tup
     """(the resharding to report or None, the refusal or None) for resuming ``written`` as ``now``."""
     if not written:  # a checkpoint from before manifests recorded their writer
         return None, None
-    if written.get("model_hash") != now["model_hash"]:
-        there, here = _flat(written.get("model", {})), _flat(now["model"])
-        diff = [f"model.{k}={there.get(k)!r} there, {here.get(k)!r} here"
-                for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)]
-        return None, (f"checkpoint {directory} was written for another model ({'; '.join(diff[:4]) or 'model config differs'}): "
-                      "resume with the model it was written for, or start a new run dir (hydra.run.dir=...).")
+    refusal = _other_model(written, now["model"], directory)
+    if refusal:
+        return None, refusal
     if now["strategy"] == "deepspeed" and written.get("strategy") != "deepspeed":
         return None, (f"checkpoint {directory} was written by {written.get('strategy')} and this run is "
                       "deepspeed, whose engine reads only its own format: resume with the strategy that wrote "

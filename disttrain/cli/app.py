@@ -25,6 +25,10 @@ def train_job(cfg: DictConfig) -> dict:
     world = env.detect()
     validate(cfg, planned_world_size(cfg))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if world.rank == 0:
+        from disttrain.checkpoint.origin import refuse_other_model
+
+        refuse_other_model(cfg, run_dir)  # one line before any worker starts, not a failed restore
     if world.launcher == "single" and cfg.dist.nproc_per_node > 1:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -113,3 +113,12 @@ def test_global_batch_size_that_does_not_divide_is_refused():
     with pytest.raises(ConfigError, match="not defined for ParamServer"):
         global_batch.resolve(_cfg(trainer={"global_batch_size": 16},
                                   strategy={"_target_": "disttrain.strategies.param_server.ParamServer"}), 3)
+
+
+def test_the_cli_refuses_another_model_before_any_worker_starts(tmp_path):
+    writer = origin.describe(_cfg(), _Strategy(2), 2)
+    Checkpointer(tmp_path / "run" / "checkpoints", writer=writer).save(4, {"w": torch.ones(2)}, {"step": 4})
+    origin.refuse_other_model(_cfg(), tmp_path / "run")  # the same model: nothing to say
+    origin.refuse_other_model(_cfg(model={"depth": 5}, checkpoint={"resume": "never"}), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"model.depth=3 there, 5 here"):
+        origin.refuse_other_model(_cfg(model={"depth": 5}), tmp_path / "run")
