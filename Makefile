@@ -4,7 +4,7 @@ VENV ?= .venv
 # Pinned here because an unpinned torch would pull a multi-GB CUDA build on CPU machines;
 # on a GPU cluster run e.g. `make setup TORCH_SPEC=torch` to keep your CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,sweep,mpi,deepspeed
+EXTRAS ?= test,sweep,mpi,deepspeed,hf
 BIN := $(VENV)/bin
 DEMO_DIR ?= outputs/demo
 # Two test files at a time (pytest-xdist, one file per worker so module fixtures and the Slurm

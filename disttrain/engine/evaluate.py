@@ -71,7 +71,8 @@ def evaluate(strategy, dataset: Dataset, loss_fn, batch_size: int, precision, de
             outputs = strategy.eval_outputs(inputs, precision)
             if outputs is None or not real:
                 continue
-            loss = loss_fn(outputs.float(), targets).double()
+            outputs = outputs.float() if isinstance(outputs, torch.Tensor) else outputs  # a ModelOutput: the loss reads it
+            loss = loss_fn(outputs, targets).double()
             total += torch.stack([loss * len(batch), torch.tensor(float(len(batch)), dtype=torch.float64,
                                                                   device=device)])
     comm.get().sum_(total)

@@ -32,9 +32,15 @@ def _by_mesh(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
     return list(groups.values())
 
 
+#: set (True) on the copies of a tied parameter held by a second pipeline stage (an input
+#: embedding tied to the LM head, disttrain.parallel.cut_pipeline): the unsplit model has one
+#: tensor, so the norm counts it once; clipping still scales every copy alike.
+TIED_DUPLICATE = "_disttrain_tied_duplicate"
+
+
 def global_grad_norm(params: list[nn.Parameter], stage_group=None) -> torch.Tensor:
     """The 2-norm of all gradients of the model (a collective over ``stage_group``)."""
-    groups = _by_mesh(params)
+    groups = _by_mesh([p for p in params if not getattr(p, TIED_DUPLICATE, False)])
     device = groups[0][0].grad.device if groups else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float32, device=device)
     for group in groups:

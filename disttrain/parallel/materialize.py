@@ -38,6 +38,15 @@ class ModelFactory:
 
     build: Callable[[], nn.Module]   # the user's callable, arguments bound
     seed: int
+    _whole: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def seeded(self) -> bool:
+        """Whether the WHOLE model is initialised module by module (decided once): a part cut
+        from it (a pipeline stage without the one module lacking reset_parameters) must be
+        initialised the same way as the unsplit model."""
+        if "seeded" not in self._whole:
+            self.meta()
+        return self._whole["seeded"]
 
     def meta(self) -> nn.Module:
         """The whole model on the meta device (no memory), or a real one if it cannot be."""
@@ -46,8 +55,10 @@ class ModelFactory:
                 model = self.build()
         except Exception as exc:  # data-dependent construction, .item(), file reads...
             log.info("model cannot be built on the meta device (%s): seeded copy", str(exc).splitlines()[0][:120])
+            self._whole["seeded"] = False
             return self._real()
         _check_module(model)
+        self._whole.setdefault("seeded", seeded_by_module(model))
         return model
 
     def full(self, device: torch.device | str = "cpu") -> nn.Module:
@@ -60,8 +71,9 @@ class ModelFactory:
         device = torch.device(device)
         if not _has_meta(module):
             return module.to(device)
-        if not seeded_by_module(module):
-            return self._copy_from_real(module, device)
+        if not self.seeded():
+            tied = _tied_groups(module)
+            return _retie(self._copy_from_real(module, device), tied)
         for fqn, sub in module.named_modules():
             values = _init_values(sub, fqn, self.seed)
             for name, value in values.items():
@@ -76,7 +88,7 @@ class ModelFactory:
         values: kept as is."""
         if not _has_meta(module):
             return module
-        source = None if seeded_by_module(module) else dict(self._real().state_dict())
+        source = None if self.seeded() else _real_state(self._real())
         module.to_empty(device=torch.device(device))
         for fqn, sub in module.named_modules():
             for name, value in _module_values(sub, fqn, self.seed, source).items():
@@ -101,12 +113,38 @@ class ModelFactory:
     def _copy_from_real(self, module: nn.Module, device: torch.device) -> nn.Module:
         log.info("model %s has modules without reset_parameters(): initialised by a seeded copy of the "
                  "whole model on this rank (see README: meta-device init)", type(module).__name__)
-        source = dict(self._real().state_dict(keep_vars=True))
+        source = _real_state(self._real(), keep_vars=True)
         for fqn, sub in module.named_modules():
             dtypes = dict(_direct_state(sub))
             for name, value in _module_values(sub, fqn, self.seed, source).items():
                 _assign(sub, name, value.detach().to(device=device, dtype=dtypes[name].dtype))
         return module
+
+
+def _real_state(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """A real build's state dict plus its non-persistent buffers (rotary inv_freq), which no
+    state dict holds but a meta model needs values for."""
+    buffers = {n: (b if keep_vars else b.detach()) for n, b in model.named_buffers(remove_duplicate=False)}
+    return {**buffers, **model.state_dict(keep_vars=keep_vars)}
+
+
+def _tied_groups(module: nn.Module) -> list[list[str]]:
+    by_id: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _retie(module: nn.Module, tied: list[list[str]]) -> nn.Module:
+    """Parameters that were one tensor (an embedding tied to the LM head) are one again: the
+    copy gave each module its own Parameter."""
+    for first, *others in tied:
+        owner, _, name = first.rpartition(".")
+        param = module.get_submodule(owner)._parameters[name]
+        for other in others:
+            owner, _, name = other.rpartition(".")
+            module.get_submodule(owner)._parameters[name] = param
+    return module
 
 
 def _module_values(module: nn.Module, fqn: str, seed: int, source: dict | None) -> dict[str, torch.Tensor]:

@@ -1,5 +1,8 @@
 """Split an ``nn.Sequential`` into contiguous, balanced pipeline stages.
 
+(Models whose blocks live in an nn.ModuleList, e.g. transformers models, are cut by module
+name instead: disttrain.parallel.fqn_split.)
+
 Stages keep the ORIGINAL child names ("3", "4", ...), so a stage's state_dict keys are
 exactly the unsplit model's keys for those layers: every stage checkpoints its own part
 and the union of the parts is the full model's state dict.

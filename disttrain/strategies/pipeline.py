@@ -35,11 +35,14 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.pipelining import PipelineStage
 
+from disttrain import memory
+from disttrain.config.schema import section
 from disttrain.distributed import comm
 from disttrain.parallel import cut_pipeline, fqn_split, mesh as mesh_mod, split, stage_forward, tensor
 from disttrain.parallel import stage_materialize
@@ -47,7 +50,7 @@ from disttrain.parallel.materialize import factory_from_config, scratch_copy, se
 from disttrain.parallel.timing import StageClock, stage_report
 from disttrain.strategies import pipeline_schedules as schedules
 from disttrain.strategies import composed
-from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, samples_of
+from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy
 from disttrain.strategies.capabilities import Capabilities
 from disttrain.strategies.fsdp import shard_model
 from disttrain.strategies.tp_report import ReportsOncePerTPGroup
@@ -117,8 +120,11 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
                              "use strategy.schedule=1f1b (or gpipe, interleaved_1f1b), or trainer.compile=false.")
         meta = factory_from_config(cfg).meta()
         if not isinstance(meta, nn.Sequential):
-            validate_cut(cfg, meta, layout.pp, layout.tp, s.schedule, _data_parallel(cfg), s.micro_batches)
+            cut_pipeline.validate(cfg, meta, layout.pp, layout.tp, s.schedule, _data_parallel(cfg), s.micro_batches)
             return
+        if s.get("split_points", None):
+            raise ValueError("strategy.split_points names the blocks of a model cut by module name; for an "
+                             "nn.Sequential give layer counts per stage: strategy.balance=[3,5].")
         blocks = split.blocks_of(meta)
         stages = layout.pp * s.stages_per_rank
         if stages > len(blocks):
@@ -127,7 +133,7 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
         counts = check_balance(blocks, _balance_value(s.balance), layout.pp, stages,
                                lambda stage: schedules.rank_of_stage(s.schedule, stage, layout.pp))
         if layout.tp > 1:
-            check_stage_tp(blocks, counts, layout.tp)
+            check_stage_tp(blocks, counts, layout.tp, _plain(s.get("tp_plan", None)))
 
     # ---------------------------------------------------------------- set-up
     def setup(self, ctx: SetupContext) -> None:
@@ -180,7 +186,8 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
         stage = fqn_split.cut(meta, plan, start, stop)
         del meta
         module = self._parallelize(ctx, stage, lambda m, in_place: stage_materialize.materialize(
-            ctx.model, m, ctx.device, in_place=in_place, whole_seeded=whole_seeded))
+            ctx.model, m, ctx.device, in_place=in_place, whole_seeded=whole_seeded),
+            apply_memory=lambda m: _cut_memory(m, plan, ctx))
         stage_forward.install(module, plan, self.pp_rank == 0, self.pp_rank == num_stages - 1,
                               cut_pipeline.select_key(ctx.cfg))
         self.tied = cut_pipeline.TiedCopies(plan, self.counts, module, self.mesh, self.pp_rank)
@@ -200,17 +207,19 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
         self.dp_rank = mesh_mod.dp_coordinate(self.mesh) if sharded else self.mesh.get_local_rank("dp")
         self.dp_group = None if sharded else self.mesh.get_group("dp")  # FSDP reduces within the schedule
 
-    def _parallelize(self, ctx: SetupContext, stage: torch.nn.Module, materialize=None) -> torch.nn.Module:
+    def _parallelize(self, ctx: SetupContext, stage: torch.nn.Module, materialize=None,
+                     apply_memory=None) -> torch.nn.Module:
         """One stage module (on meta): tensor plan, memory, then fully_shard or plain storage.
-        ``materialize(module, in_place)`` replaces the model factory's (cut models)."""
+        ``materialize(module, in_place)`` and ``apply_memory`` replace the defaults (cut models)."""
+        apply_memory = apply_memory or ctx.apply_memory
         if materialize is None:
             def materialize(module, in_place):
                 return (ctx.model.materialize_in_place if in_place else ctx.model.materialize)(module, ctx.device)
         if self.sizes.tp > 1:
             stage = tensor.apply_tp(stage, self.mesh["tp"], self.tp_plan)
         if self.data_parallel == "replicate":
-            return ctx.apply_memory(materialize(stage, False))
-        stage = shard_model(ctx.apply_memory(stage), mesh_mod.dp_submesh(self.mesh), False, ctx.settings.precision)
+            return apply_memory(materialize(stage, False))
+        stage = shard_model(apply_memory(stage), mesh_mod.dp_submesh(self.mesh), False, ctx.settings.precision)
         return materialize(stage, True)
 
     def _make_schedule(self):
@@ -322,6 +331,18 @@ def _data_parallel(cfg: DictConfig) -> str:
     return OmegaConf.select(cfg, "strategy.data_parallel", default="replicate")
 
 
+def _cut_memory(stage: nn.Module, plan: fqn_split.CutPlan, ctx: SetupContext) -> nn.Module:
+    """The memory section on a cut stage: each of its blocks recomputed in backward (the
+    blocks live in the stage's ModuleList, not among its children), saved activations of the
+    whole stage offloaded. trainer.compile and every_n grouping are refused in validation."""
+    mem = section(ctx.cfg, "memory")
+    view = nn.Module()
+    view.layers = nn.ModuleList(stage.get_submodule(plan.blocks).children())  # the same block objects
+    memory.apply_activation_checkpointing(view, mem.activation_checkpointing, mem.checkpoint_every)
+    directory = memory.offload_directory(mem, ctx.run_dir, dist.get_rank()) if mem.activation_offload == "disk" else None
+    return memory.apply_activation_offload(stage, mem.activation_offload, directory, mem.offload_min_bytes)
+
+
 def _autocast_forward(module: torch.nn.Module, owner: "Pipeline") -> None:
     """Run a stage's forward under the step's autocast (the schedule calls the stage module
     itself, so the engine's autocast context cannot reach it); instance-level, names kept."""
@@ -373,39 +394,14 @@ def check_balance(blocks: list, balance: Any, ranks: int, stages: int, rank_of=N
     return counts
 
 
-def check_stage_tp(blocks: list, counts: list[int] | None, tp: int) -> None:
+def check_stage_tp(blocks: list, counts: list[int] | None, tp: int, tp_plan=None) -> None:
     """Each stage module gets its own tensor plan: dist.tp must divide what each stage splits.
     With balance=time the split is measured on the workers: the whole model is checked here."""
     parts = [split.stage_module(blocks, counts, s) for s in range(len(counts))] if counts else [
         split.stage_module(blocks, [len(blocks)], 0)]
     for index, part in enumerate(parts):
         try:
-            tensor.check_divisible(part, tp)
+            tensor.check_divisible(part, tp, tp_plan)
         except ValueError as exc:
             where = f"pipeline stage {index} (layers {', '.join(n for n, _ in part.named_children())})"
             raise ValueError(f"{where}: {exc}") from None
-
-
-def validate_cut(cfg: DictConfig, meta: nn.Module, pp: int, tp: int, schedule: str, data_parallel: str,
-                 micro_batches: int) -> None:
-    """Pre-flight for a model cut by module name: it can be cut (traced on meta), the
-    schedule runs one stage per rank, the stages and the tensor plan fit, and it can be
-    initialised under the chosen data parallelism."""
-    s = cfg.strategy
-    cut_pipeline.check_schedule(schedule, meta)
-    sample = cut_pipeline.sample_input(cfg, cfg.data.batch_size // max(1, micro_batches))
-    plan = fqn_split.plan_cut(meta, sample)
-    cut_pipeline.stage_counts(meta, plan, pp, _balance_value(s.get("balance", "params")),
-                              _plain(s.get("split_points", None)))
-    if tp > 1:
-        tensor.check_divisible(meta, tp, _plain(s.get("tp_plan", None)))
-    if data_parallel == "shard" and not seeded_by_module(meta):
-        raise ValueError(f"strategy.data_parallel=shard cannot initialise stages of {type(meta).__name__} (modules "
-                         "without reset_parameters(): initialised from one real build): use "
-                         "strategy.data_parallel=replicate.")
-
-
-def build_blocks(cfg: DictConfig) -> list:
-    """The model's blocks, built on the meta device (nothing allocated: validation must not
-    build a model that may not fit this machine)."""
-    return split.blocks_of(factory_from_config(cfg).meta())

@@ -118,7 +118,7 @@ def test_user_config_dir_help_and_plan(installed, tmp_path):
     (user / "model" / "wide_mlp.yaml").write_text("defaults:\n  - mlp\n  - _self_\nhidden: 48\n")
     exe = installed["target"] / "bin" / "disttrain"  # the console script pip installed
     help_text = _run([exe, "--config-dir", user, "--help"], installed["cwd"], installed["env"]).stdout
-    assert "model: gpt_tiny, mlp, wide_mlp" in help_text and "== Config ==" in help_text
+    assert "model: gpt_tiny, hf_bert, hf_llama, mlp, wide_mlp" in help_text and "== Config ==" in help_text
     plan = _python(installed, "-m", "disttrain", "plan", f"hydra.searchpath=[file://{user}]", "model=wide_mlp",
                    "plan.device_memory=8GB", "plan.bandwidth=10Gbps", "plan.peak_flops=1e12", "plan.efficiency=0.3")
     from disttrain.models import build_mlp

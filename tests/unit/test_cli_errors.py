@@ -10,7 +10,7 @@ from helpers import cli_env, run_process
 
 @pytest.mark.parametrize("argv,message", [
     (["trainer.max_stepz=3"], "Could not override 'trainer.max_stepz'. To append to your config use +trainer.max_stepz=3"),
-    (["model=nosuch"], "Could not find 'model/nosuch' (options: gpt_tiny, mlp)"),
+    (["model=nosuch"], "Could not find 'model/nosuch' (options: gpt_tiny, hf_bert, hf_llama, mlp)"),
     (["trainer.max_steps=abc"], "trainer.max_steps='abc' is not an integer"),
     (["a=b=c"], "cannot parse the override 'a=b=c'"),
     (["trainer.max_steps=0"], "trainer.max_steps=0 must be an integer >= 1."),       # disttrain's own checks
