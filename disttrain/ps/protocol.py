@@ -3,7 +3,8 @@
 Every message starts with a fixed-size float64 header (so a server can post one receive
 per worker without knowing what comes next); a push is followed by one flat gradient
 buffer, a parameter reply is a small int64 ``Reply`` (version, go/stop, the worker's applied
-pushes) plus one flat parameter buffer. Distinct
+pushes, whether parameters follow) plus, unless the worker already holds that version, one
+flat parameter buffer. Distinct
 tags keep the streams apart on one pair of ranks. float64 holds the integer fields
 exactly (up to 2**53) and the loss without an extra message.
 """
@@ -18,7 +19,7 @@ PULL, PUSH, BYE = 1, 2, 3
 TAG_HEADER, TAG_GRAD, TAG_VERSION, TAG_PARAMS = 101, 102, 103, 104
 HEADER_LEN = 7
 GO, STOP, STOP_PEERS_LOST = 0, 1, 2  # Reply.status
-REPLY_LEN = 3
+REPLY_LEN = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,19 +48,21 @@ class Header:
 class Reply:
     """What comes with the parameters: their version, whether to go on, and how many of this
     worker's pushes the server has applied over the whole run (after a resume: where the
-    worker's data stream continues)."""
+    worker's data stream continues). ``payload`` 0: no parameters follow, the worker already
+    holds this version (a fast worker between two updates pulls 32 bytes, not the model)."""
 
     version: int
     status: int = GO
     applied: int = 0
+    payload: int = 1
 
     def pack(self) -> torch.Tensor:
-        return torch.tensor([self.version, self.status, self.applied], dtype=torch.int64)
+        return torch.tensor([self.version, self.status, self.applied, self.payload], dtype=torch.int64)
 
     @classmethod
     def unpack(cls, buf: torch.Tensor) -> "Reply":
-        version, status, applied = buf.tolist()
-        return cls(int(version), int(status), int(applied))
+        version, status, applied, payload = buf.tolist()
+        return cls(int(version), int(status), int(applied), int(payload))
 
 
 def plan_shards(sizes: Sequence[int], num_servers: int) -> list[list[int]]:
@@ -88,6 +91,31 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     with torch.no_grad():
         for tensor, chunk in zip(tensors, chunks):
             tensor.copy_(chunk.view_as(tensor))
+
+
+def bind_flat(params: Sequence[torch.nn.Parameter]) -> torch.Tensor | None:
+    """Make CPU ``params`` views of one flat buffer holding their values, and return it:
+    a receive into it updates the parameters, a send of it sends them, with no copy (3.2 MB
+    per pull in bench/ps_straggler.py). None (nothing changed) for parameters off the CPU:
+    gloo sends CPU tensors, those go through a copy."""
+    if not params or any(p.device.type != "cpu" for p in params):
+        return None
+    flat = flatten(params).to(params[0].dtype)
+    with torch.no_grad():
+        for param, chunk in zip(params, flat.split([p.numel() for p in params])):
+            param.data = chunk.view_as(param)
+    return flat
+
+
+def bind_grads(params: Sequence[torch.nn.Parameter]) -> torch.Tensor | None:
+    """Gradients as views of one zeroed flat buffer (backward accumulates into them in
+    place while they exist), or None for parameters off the CPU."""
+    if not params or any(p.device.type != "cpu" for p in params):
+        return None
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype)
+    for param, chunk in zip(params, flat.split([p.numel() for p in params])):
+        param.grad = chunk.view_as(param)
+    return flat
 
 
 def flat_grads(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:

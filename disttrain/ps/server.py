@@ -1,6 +1,9 @@
 """A parameter server for one shard: receives pushes and pull requests from every
 worker, applies the optimizer, answers pulls when the staleness gate allows, and counts the
-run's progress (a loop step of a server = one step's worth of applied gradients).
+run's progress (a loop step of a server = one step's worth of applied gradients). Under
+s >= 1 an optimizer step is the mean of the gradients received since the last one, closed
+when every live worker has sent one (``disttrain.ps.rounds``); a pull for weights the worker
+already holds is answered without them.
 
 Receiving runs on one thread per worker (a blocking receive from that worker, so a
 dead worker shows up as an error on exactly its thread); all state changes happen on
@@ -9,7 +12,6 @@ the calling thread, inside ``serve_step``/``finish``, so no locks are needed.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import queue
 import threading
@@ -22,31 +24,12 @@ import torch.distributed as dist
 from disttrain.ps import protocol
 from disttrain.ps.gate import StalenessGate
 from disttrain.ps.hold import StragglerHold
+from disttrain.ps.server_settings import ServerSettings, StepSummary, clip_coef as _clip_coef
 from disttrain.ps.stats import ServerStats
+from disttrain.ps.rounds import RoundPolicy
+from disttrain.ps.update import PendingUpdate
 
 log = logging.getLogger("disttrain")
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerSettings:
-    max_staleness: int | None
-    staleness_lr: str      # "none" | "inverse": lr / (1 + staleness)
-    num_servers: int
-    num_workers: int
-    grad_clip: float | None = None  # clip each applied gradient to this global norm
-    servers_group: Any = None       # s=0 clipping / checkpoint cuts with several servers
-    #: debug (tests): workers whose pushes are held back until no other worker can make
-    #: progress (disttrain.ps.hold).
-    hold_workers: frozenset = frozenset()
-
-
-@dataclasses.dataclass
-class StepSummary:
-    """What the gradients applied during one loop step of a server amount to."""
-
-    loss_sum: float = 0.0
-    gradients: int = 0
-    samples: int = 0
 
 
 class ShardServer:
@@ -71,6 +54,13 @@ class ShardServer:
         self.stop_asked = False        # a worker's process received a stop signal
         self.cut: list[int] | None = None  # a checkpoint cut in force (align)
         self.deferred: list[tuple[int, protocol.Header, torch.Tensor]] = []
+        self.pending = PendingUpdate()  # s >= 1: the step being formed (disttrain.ps.update)
+        self.rounds = RoundPolicy(settings.num_workers)  # s >= 1: when it closes (disttrain.ps.rounds)
+        self.wake: float | None = None  # look at the step again then (a gradient it waits for)
+        self.pull_deadlines: dict[int, float] = {}  # pulls waiting for the step to close
+        self.sent_version = [-1] * settings.num_workers  # the version each worker holds
+        self.snapshot: tuple[int, torch.Tensor] | None = None  # (version, flat params) being sent
+        self.flat = protocol.bind_flat(self.params)  # the shard's storage: sent as is, no copy
         self.threads = [threading.Thread(target=self._receive, args=(w,), daemon=True,
                                          name=f"ps-recv-w{w}") for w in range(settings.num_workers)]
         for thread in self.threads:
@@ -103,7 +93,7 @@ class ShardServer:
     # ---- serving (caller's thread) ---------------------------------------------------
     def serve_step(self, step: int) -> StepSummary:
         """Serve until the run's ``step``-th step is applied: with s=0 its round, otherwise
-        ``step * num_workers`` gradients in all (a step is the same amount of data as a DDP
+        ``step * num_workers`` gradients received (a step is the same amount of data as a DDP
         step, whichever workers sent them, and stays so when a worker dies). Every server
         counts the same pushes (each worker sends each push to all of them), so they all end
         a step at the same push: a server waiting for the others at the loop's collectives
@@ -117,7 +107,11 @@ class ShardServer:
     def _reached(self, step: int) -> bool:
         if self.gate.synchronous:
             return self.stats.version >= step
-        return int(self.stats.totals["applied"].sum()) >= step * self.settings.num_workers
+        # received, not applied: every server receives the same pushes, but when a step closes
+        # is timed per server (ps/rounds.py); servers that ended loop steps at different pushes
+        # would wait for each other in the loop's collectives while a worker waits for both
+        received = int(self.stats.totals["applied"].sum()) + len(self.pending)
+        return received >= step * self.settings.num_workers
 
     def align(self) -> None:
         """Before a checkpoint with several asynchronous servers: every server applies exactly
@@ -128,10 +122,18 @@ class ShardServer:
         if group is None or self.gate.synchronous:
             return
         applied = self.stats.totals["applied"].clone()
+        for worker, _ in self.pending.parts:
+            applied[worker] += 1
         dist.all_reduce(applied, op=dist.ReduceOp.MAX, group=group)
         self.cut = applied.tolist()
-        while any(self.applied(w) < self.cut[w] for w in self.live):
+        while any(self._counted(w) < self.cut[w] for w in self.live):
             self._next_event()
+        if self.pending:  # a partial step, scaled as a full one would be (lr per sample unchanged)
+            self._apply_pending()
+
+    def _counted(self, worker: int) -> int:
+        """The worker's gradients in the weights or in the step being formed."""
+        return self.applied(worker) + self.pending.count(worker)
 
     def _release_cut(self) -> None:
         if self.cut is None:
@@ -157,8 +159,10 @@ class ShardServer:
 
     def _next_event(self) -> None:
         try:
-            worker, header, payload = self.events.get(timeout=0.05 if self.hold.held else 1.0)
+            worker, header, payload = self.events.get(timeout=self._timeout())
         except queue.Empty:
+            self._close_if_ready()
+            self._grant_pulls()
             self._release_held()
             self._prune_sends()
             return
@@ -170,7 +174,7 @@ class ShardServer:
             self.stats.push_received(worker)
             if self.stopping:
                 pass  # computed after the last step: never applied
-            elif self.cut is not None and self.applied(worker) >= self.cut[worker]:
+            elif self.cut is not None and self._counted(worker) >= self.cut[worker]:
                 self.deferred.append((worker, header, payload))
             elif self.hold.wants(worker, self.gate.synchronous):
                 self.hold.hold(worker, header, payload)
@@ -182,10 +186,19 @@ class ShardServer:
         elif header.kind == protocol.BYE:
             self.live.discard(worker)
             self.gate.forget(worker)
+            self.rounds.forget(worker)
         self._apply_round_if_complete()
+        self._close_if_ready()
         self._grant_pulls()
         self._release_held()
         self._prune_sends()
+
+    def _timeout(self) -> float:
+        """Until the next timed decision (a step waiting for a due gradient, a pull waiting
+        for the step), or a second."""
+        times = [t for t in [self.wake, *self.pull_deadlines.values()] if t is not None]
+        limit = 0.05 if self.hold.held else 1.0
+        return min([limit] + [max(t - time.monotonic(), 1e-4) for t in times])
 
     def _release_held(self) -> None:
         if self.hold.ready(self.live, self.gate.outstanding, self.pulls):
@@ -199,11 +212,34 @@ class ShardServer:
         if self.gate.synchronous:
             self.round[worker] = (grad, staleness, header)
         else:
-            # Each push is its own update; 1/num_workers keeps one round of N pushes as
-            # large as one synchronous step, so optim.lr means the same for every bound.
-            # Clipping applies to the worker's whole gradient, by the norm it measured.
+            # num_workers gradients, from whichever workers, make one step of their mean
+            # (disttrain.ps.update). Clipping applies to each worker's whole gradient, by the
+            # norm it measured.
             grad.mul_(_clip_coef(self.settings.grad_clip, header.grad_norm))
-            self._apply(grad.div_(self.settings.num_workers), [(worker, staleness, header)])
+            self.pending.add(worker, header, grad)
+            self.rounds.pushed(worker, time.monotonic())
+            self._close_if_ready()
+
+    def _close_if_ready(self) -> None:
+        if self.gate.synchronous or not self.pending:
+            return
+        contributors = {w for w, _ in self.pending.parts}
+        close, self.wake = self.rounds.may_close(len(self.pending), contributors, self.live, self.stats.version,
+                                                 time.monotonic())
+        if close:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        """The formed step; a gradient's staleness is counted now (the version cannot move
+        while it waits: only this step moves it)."""
+        # the mean of the step's gradients (a larger batch at the run's lr: scaling the lr with
+        # the step's size, tried, blew the loss up early); a partial step at a checkpoint cut
+        # (align) is scaled as a full one
+        total, parts = self.pending.take(max(len(self.pending), self.settings.num_workers))
+        version = self.stats.version
+        self.pull_deadlines.clear()
+        self.wake = None
+        self._apply(total, [(worker, version - header.pulled_version, header) for worker, header in parts])
 
     def _apply_round_if_complete(self) -> None:
         if not self.round or any(w not in self.round for w in self.live):
@@ -229,6 +265,8 @@ class ShardServer:
         for param, chunk in zip(self.params, grad.split([p.numel() for p in self.params])):
             param.grad = chunk.view_as(param).to(param.device)
         factor = 1.0 / (1 + max(staleness)) if self.settings.staleness_lr == "inverse" else 1.0
+        if self.flat is not None:  # sends of the weights read the storage the optimizer writes
+            self._prune_sends(weights=True)
         saved = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["lr"] = group["lr"] * factor
@@ -266,31 +304,70 @@ class ShardServer:
             if worker in self.hold.held or not self.hold.admits(worker):  # debug straggler (ps/hold.py)
                 waiting.append(worker)
                 continue
+            if self._waits_for_step(worker):
+                waiting.append(worker)  # not a refusal: the others are not held behind it
+                continue
             if not refused and self.gate.may_grant(worker, self.stats.version):
                 self.gate.granted(worker, self.stats.version)
                 self.hold.granted(worker)
+                self.rounds.granted(worker, self.stats.version, time.monotonic())
+                self.pull_deadlines.pop(worker, None)
                 self._send_params(worker)
             else:
                 refused = fair
                 waiting.append(worker)
         self.pulls = waiting
 
+    def _waits_for_step(self, worker: int) -> bool:
+        """s >= 1: the worker holds these weights and the step closes before its next gradient
+        could join it: better to wait for the new weights (disttrain.ps.rounds)."""
+        if self.gate.synchronous or not self.pending or self.sent_version[worker] != self.stats.version:
+            return False
+        now = time.monotonic()
+        deadline = self.pull_deadlines.get(worker)
+        if deadline is None:
+            missing = self.live - {w for w, _ in self.pending.parts}
+            deadline = self.rounds.pull_deadline(worker, missing, now)
+        if deadline is None or now >= deadline:
+            self.pull_deadlines.pop(worker, None)
+            return False
+        self.pull_deadlines[worker] = deadline
+        return True
+
     def _send_params(self, worker: int, status: int = protocol.GO) -> None:
-        version = protocol.Reply(self.stats.version, status, self.applied(worker)).pack()
-        flat = protocol.flatten(self.params).to(self.dtype)
+        """The reply, and the parameters unless the worker holds this version already (a
+        stop always carries them: the worker's posted receive must complete)."""
+        current = self.stats.version
+        payload = status != protocol.GO or self.sent_version[worker] != current
+        reply = protocol.Reply(current, status, self.applied(worker), int(payload)).pack()
         dst = self.rank_of(worker)
+        buffers = [reply]
         try:
-            works = [dist.isend(version, dst=dst, group=self.group, tag=protocol.TAG_VERSION),
-                     dist.isend(flat, dst=dst, group=self.group, tag=protocol.TAG_PARAMS)]
+            works = [dist.isend(reply, dst=dst, group=self.group, tag=protocol.TAG_VERSION)]
+            if payload:
+                buffers.append(self._flat_params())
+                works.append(dist.isend(buffers[-1], dst=dst, group=self.group, tag=protocol.TAG_PARAMS))
         except Exception as exc:
             self._lost(worker, exc)
             return
-        self.sends.append((works, [version, flat], worker))
+        self.sent_version[worker] = current
+        self.sends.append((works, buffers, worker))
 
-    def _prune_sends(self) -> None:
+    def _flat_params(self) -> torch.Tensor:
+        """The shard as one buffer: its own storage (``_apply`` lets the sends of it finish
+        before the optimizer writes), or, off the CPU, one copy per version."""
+        if self.flat is not None:
+            return self.flat
+        if self.snapshot is None or self.snapshot[0] != self.stats.version:
+            self.snapshot = (self.stats.version, protocol.flatten(self.params).to(self.dtype))
+        return self.snapshot[1]
+
+    def _prune_sends(self, weights: bool = False) -> None:
+        """Collect finished sends (each exactly once: a gloo send waited twice blocks);
+        ``weights``: first wait for every send of the weights."""
         pending = []
         for works, buffers, worker in self.sends:
-            if all(w.is_completed() for w in works):
+            if (weights and len(buffers) > 1) or all(w.is_completed() for w in works):
                 self._wait(works, worker)
             else:
                 pending.append((works, buffers, worker))
@@ -309,13 +386,8 @@ class ShardServer:
         self.live.discard(worker)
         self.lost.add(worker)
         self.gate.forget(worker)
+        self.rounds.forget(worker)
         log.warning("ps server %d: worker %d (rank %d) is gone (%s); going on with %d worker(s)",
                     self.stats.server, worker, self.rank_of(worker), str(exc).splitlines()[0][:200],
                     len(self.live))
 
-
-def _clip_coef(max_norm: float | None, norm: float) -> float:
-    """torch's clip_grad_norm_ factor: max_norm / (norm + 1e-6), never above 1."""
-    if max_norm is None:
-        return 1.0
-    return min(1.0, max_norm / (norm + 1e-6))

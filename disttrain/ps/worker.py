@@ -4,7 +4,12 @@ Pushes are non-blocking (``isend``), and the next pull is requested right behind
 the server applies the gradient and answers while the worker loads its next batch. (A
 granted pull counts as a computation in flight for the staleness gate; that is safe because
 workers run free and never park at a job-wide sync point while holding one.) The receive of
-every shard is posted before the request goes out.
+every shard is posted before the request goes out. The parameters of each server's shard
+are views of the buffer that receives them and the gradients views of the buffer pushed
+(CPU), so a pull or push copies nothing. A server sends the parameters only when
+they changed since this worker's last pull; otherwise the posted receive waits for the next
+reply that carries them (each server's parameter messages arrive in order, one per
+"payload" reply).
 """
 from __future__ import annotations
 
@@ -25,7 +30,10 @@ class _Link:
     params: list[torch.nn.Parameter]
     version: torch.Tensor
     flat: torch.Tensor
+    bound: bool = False  # params are views of ``flat``: a receive is the update, no copy
+    grads: torch.Tensor | None = None  # the gradients' flat buffer (views), when bound
     pulled_version: int = -1
+    flat_recv: Any = None  # the posted receive of the parameters (kept across "no payload" replies)
 
 
 class WorkerClient:
@@ -35,9 +43,14 @@ class WorkerClient:
         self.group = group
         self.closed = False
         self.peers_lost = False  # a server said some worker died (the teardown must not wait for it)
-        self.links = [_Link(rank, params, torch.zeros(protocol.REPLY_LEN, dtype=torch.int64),
-                            torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype))
-                      for rank, params in shards]
+        self.links = []
+        for rank, params in shards:
+            flat = protocol.bind_flat(params)
+            bound = flat is not None
+            if not bound:
+                flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype)
+            self.links.append(_Link(rank, params, torch.zeros(protocol.REPLY_LEN, dtype=torch.int64), flat,
+                                    bound, protocol.bind_grads(params)))
         self.clock = 0
         self.receives: list[Any] = []
         self.sends: list[tuple[Any, list[torch.Tensor]]] = []
@@ -57,11 +70,16 @@ class WorkerClient:
             work.wait()
         self.receives = []
         replies = [protocol.Reply.unpack(link.version) for link in self.links]
+        for link, reply in zip(self.links, replies):
+            if reply.payload:
+                link.flat_recv.wait()
+                link.flat_recv = None
         if any(reply.status != protocol.GO for reply in replies):
             self.peers_lost = any(reply.status == protocol.STOP_PEERS_LOST for reply in replies)
             return None
         for link, reply in zip(self.links, replies):
-            protocol.unflatten_into(link.flat, link.params)
+            if reply.payload and not link.bound:
+                protocol.unflatten_into(link.flat, link.params)
             link.pulled_version = reply.version
         return replies[0]
 
@@ -72,7 +90,18 @@ class WorkerClient:
         for link in self.links:
             header = protocol.Header(protocol.PUSH, self.clock, link.pulled_version, loss, grad_norm, samples,
                                      int(stop))
-            self._send(link, header, protocol.flat_grads(link.params))
+            self._send(link, header, link.grads if link.grads is not None else protocol.flat_grads(link.params))
+
+    def zero_grads(self) -> None:
+        """Before a backward: zero the flat gradient buffers in place (once the last push of
+        them has left), or drop the gradients where they are not bound."""
+        self._drain_sends()
+        for link in self.links:
+            if link.grads is not None:
+                link.grads.zero_()
+            else:
+                for param in link.params:
+                    param.grad = None
 
     def close(self) -> None:
         """Collect a reply still in flight, then tell every server this worker is done (once:
@@ -81,17 +110,16 @@ class WorkerClient:
             return
         self.closed = True
         if self.receives:
-            for work in self.receives:
-                work.wait()
-            self.receives = []
+            self.wait_params()
         for link in self.links:
             self._send(link, protocol.Header(protocol.BYE, self.clock))
         self._drain_sends()
 
     def _post_receives(self) -> None:
         for link in self.links:
-            self.receives += [dist.irecv(link.version, src=link.rank, group=self.group, tag=protocol.TAG_VERSION),
-                              dist.irecv(link.flat, src=link.rank, group=self.group, tag=protocol.TAG_PARAMS)]
+            self.receives.append(dist.irecv(link.version, src=link.rank, group=self.group, tag=protocol.TAG_VERSION))
+            if link.flat_recv is None:
+                link.flat_recv = dist.irecv(link.flat, src=link.rank, group=self.group, tag=protocol.TAG_PARAMS)
 
     def _send(self, link: _Link, header: protocol.Header, payload: torch.Tensor | None = None) -> None:
         packed = header.pack()

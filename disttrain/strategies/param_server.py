@@ -10,8 +10,11 @@ Progress lives on the servers, where an asynchronous job's state is:
 * the servers run the loop (``disttrain.engine.loop``) with the loop's collectives (meter,
   logging, checkpoints, evaluation, stop polls) narrowed to the servers' own group; a server's
   step = serve pushes and pulls until one step's worth of gradients is applied (one round with
-  ``max_staleness=0``, else one gradient per live worker, from whichever workers sent them),
-  so ``trainer.max_steps`` counts the same data as DDP's steps under every bound;
+  ``max_staleness=0``, else ``num_workers`` gradients, from whichever workers sent them), so
+  ``trainer.max_steps`` counts the same data as DDP's steps under every bound. Under s >= 1 an
+  optimizer step is the mean of at least one fresh gradient of every live worker, a fast
+  worker filling the wait with more gradients on the same weights (``disttrain.ps.rounds``:
+  with momentum, stale gradients are what costs an asynchronous run its convergence);
 * the workers run free (``disttrain.ps.free_worker``): pull, compute, push, until a server
   answers a pull with "stop". They never enter a job-wide collective, so a fast worker
   contributes more gradients than a slow one, and a dead worker is dropped by the servers
@@ -196,7 +199,7 @@ class ParamServer(SelfStepping):
 
     def compute_gradients(self, micro_batches: list[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, float]:
         """A worker's forward/backward on the parameters it pulled: (loss, global grad norm)."""
-        self.model.zero_grad(set_to_none=True)
+        self.client.zero_grads()  # the gradients are views of the buffers pushed (disttrain.ps.worker)
         loss = accumulate(self.model, micro_batches, loss_fn, autocast=self.precision.autocast)
         if self.world.rank - self.num_servers in self.debug_slow_workers:
             time.sleep(self.debug_delay_s)  # a straggler on purpose (tests, benchmarks)

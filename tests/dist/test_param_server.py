@@ -156,10 +156,11 @@ def test_straggler_never_makes_a_gradient_older_than_the_bound(tmp_path):
     # The bound was reached: every held push is released only when the gate stops both fast
     # workers, i.e. at exactly `bound` versions.
     assert int(hist[bound]) > 0, hist.tolist()
-    # The servers stop at max_steps steps of 3 gradients each, whoever sent them: the held
-    # worker sent fewer than the free ones (workers run free, none waits for a step's end).
+    # The servers stop at max_steps steps of 3 gradients received each, whoever sent them (the
+    # last optimizer step may still be forming: not applied): the held worker sent fewer than
+    # the free ones (workers run free, none waits for a step's end).
     applied = count["applied"].tolist()
-    assert int(count["steps"]) == steps and sum(applied) >= 3 * steps, applied
+    assert int(count["steps"]) == steps and int(count["pushes"].sum()) >= 3 * steps > sum(applied) - 3, applied
     assert applied[0] < min(applied[1:]), applied
     logs = _logs(tmp_path / "run")
     assert f"ps server 0 step {steps}: version " in logs

@@ -34,3 +34,17 @@ def test_missing_gradient_is_sent_as_zeros():
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
     a.grad = torch.full((2,), 5.0)
     assert protocol.flat_grads([a, b]).tolist() == [5.0, 5.0, 0.0, 0.0, 0.0]
+
+
+def test_bound_parameters_and_gradients_are_views_of_one_buffer():
+    """What lets a worker receive weights and push gradients without a copy: a write into
+    the flat buffer is the update, and backward accumulates into the flat gradients."""
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    flat = protocol.bind_flat(list(model.parameters()))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # values kept
+    flat.fill_(0.5)
+    assert all(bool((p == 0.5).all()) for p in model.parameters())
+    grads = protocol.bind_grads(list(model.parameters()))
+    model(torch.ones(4, 3)).sum().backward()
+    assert grads.tolist() == [4.0] * 6 + [4.0, 4.0]  # d/dW = sum of inputs, d/db = batch size

@@ -1,0 +1,44 @@
+"""The update a server is forming under a bound s >= 1: gradients from whichever workers
+send them, summed until there are as many as there are workers, then applied as one step
+of their mean.
+
+Why not one step per push: that halves every step (gradient / num_workers) and doubles the
+optimizer steps, so momentum decays twice as fast per sample, and each step's gradient is
+one version old by construction (two workers alternate). Measured (bench/ps_straggler.py,
+equal workers, SGD with momentum 0.9): 6x the synchronous run's loss after 300 steps. One
+step of num_workers gradients is DDP's step on the same amount of data, with the same lr
+and momentum; a fast worker simply contributes more of its gradients than a slow one.
+"""
+from __future__ import annotations
+
+import torch
+
+from disttrain.ps import protocol
+
+
+class PendingUpdate:
+    """Sum and provenance of the gradients received for the next step (pure bookkeeping)."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.parts: list[tuple[int, protocol.Header]] = []
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def count(self, worker: int) -> int:
+        return sum(1 for w, _ in self.parts if w == worker)
+
+    def add(self, worker: int, header: protocol.Header, grad: torch.Tensor) -> None:
+        """``grad`` is owned from here on (summed into in place)."""
+        if self.total is None:
+            self.total = grad
+        else:
+            self.total.add_(grad)
+        self.parts.append((worker, header))
+
+    def take(self, divisor: int) -> tuple[torch.Tensor, list[tuple[int, protocol.Header]]]:
+        """The summed gradient / ``divisor`` and its parts; the update starts empty again."""
+        total, parts = self.total.div_(divisor), self.parts
+        self.total, self.parts = None, []
+        return total, parts
