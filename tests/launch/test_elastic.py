@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STEPS = 12
 TRAIN = ["strategy=ddp", "model=mlp", "data=synthetic", "optim=sgd", "optim.momentum=0.9", f"trainer.max_steps={STEPS}",
          "trainer.global_batch_size=8", "data.batch_size=4", "checkpoint.every_steps=4", "trainer.log_every=1",
-         "trainer.progress=log", "metrics.peak_flops=1e11"]
+         "trainer.progress=log", "metrics.peak_flops=1e11", "dist.timeout_s=8"]
 
 
 def _agent(run_dir, port: int) -> subprocess.Popen:
