@@ -44,6 +44,9 @@ CASES = {
         "llama_gpipe_clip": ("llama", [*PIPE, "strategy.schedule=gpipe", "trainer.grad_clip=0.05"], True),
         "llama_1f1b": ("llama", [*PIPE, "strategy.schedule=1f1b", "strategy.split_points=[model.layers.1]"], True),
         "llama_tp": ("llama", TP, False),
+        # the whole model per rank (tensor inputs, as the loader gives them)
+        "llama_ddp": ("llama", ["strategy=ddp"], False),
+        "llama_fsdp": ("llama", ["strategy=fsdp"], False),
         "bert_gpipe": ("bert", [*PIPE, "strategy.schedule=gpipe"], True),
         "bert_1f1b": ("bert", [*PIPE, "strategy.schedule=1f1b", "memory.activation_checkpointing=full"], True),
         "bert_tp": ("bert", [*TP, "strategy.tp_plan={bert.encoder.layer.*.attention.self.query:colwise,"
@@ -132,7 +135,7 @@ def _case(case, spec, world_size, tmp, world, device) -> dict:
     from disttrain.engine.preflight import validate
 
     family, overrides, masked = spec
-    dp = 2 if "dist.dp=2" in overrides else 1
+    dp = 2 if "dist.dp=2" in overrides or case.endswith(("_ddp", "_fsdp")) else 1
     cfg = compose(family, f"data.batch_size={BATCH}", *overrides)
     validate(cfg, world_size)
     steps = batches(dp, masked)
@@ -245,7 +248,7 @@ def test_loss_and_every_gradient_equal_the_unsplit_model(request, size, case):
     rows = _results(request, size)
     losses = [row[case]["loss"] for row in rows if row[case]["loss"] is not None]
     # one report per data-parallel replica (its shard's mean): their mean is the global batch's
-    assert len(losses) == (2 if "dp_pp" in case else 1), losses
+    assert len(losses) == (2 if case.endswith(("dp_pp", "_ddp", "_fsdp")) else 1), losses
     assert sum(losses) / len(losses) == pytest.approx(rows[0][case]["ref_loss"], abs=TOL), losses
     held = set()
     for row in rows:
