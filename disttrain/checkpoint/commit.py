@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from disttrain.checkpoint import extras, origin
+from disttrain.checkpoint import extras
 from disttrain.checkpoint.manifest import (LATEST, MANIFEST, find_latest_valid, fsync_dir, fsync_write,  # noqa: F401
                                            hash_share, read_manifest, step_dirs, verify, write_manifest)
 from disttrain.distributed import comm
@@ -143,6 +143,8 @@ class Checkpointer:
         """Refuse a checkpoint of another model (one line); report a resharding. Returns (same
         world size: its per-rank extras are this rank's, model weights only: DeepSpeed's format
         read by another strategy)."""
+        from disttrain.checkpoint import origin  # lazily: `import disttrain` stays free of omegaconf
+
         written = read_manifest(directory).get("writer", {})
         reshard, refusal = origin.compare(written, self.writer, directory) if self.writer else (None, None)
         if refusal:
