@@ -63,43 +63,60 @@ def _threads(nproc: int) -> int:
 
 
 def machine_from(cfg: DictConfig, facts: pm.ModelFacts, nproc: int, threads: int) -> tuple[pm.Machine, dict]:
-    """Stated figures where given, measured ones here otherwise; ``notes`` say which."""
-    from disttrain.plan import probe as plan_probe
+    """Stated figures where given, measured ones here otherwise; ``notes`` say which. The
+    measured ones come from ``nproc`` processes stepping at once (``plan.concurrent``), as
+    the run will; the loop overhead and framework memory from a tiny run (``plan.host``)."""
     from disttrain.observe.peak import measure_peak
+    from disttrain.plan import concurrent, host
 
     p, notes = cfg.plan, {}
     memory = parse_bytes(p.device_memory, "plan.device_memory") if p.device_memory else _local_memory(nproc)
     notes["memory"] = "stated" if p.device_memory else "this machine"
-    if p.bandwidth:
-        bandwidth, latency = parse_bandwidth(p.bandwidth, "plan.bandwidth"), 0.0
-    else:
-        bandwidth, latency = plan_probe.collective_link(2)
-    notes["link"] = "stated" if p.bandwidth else "measured here: 2 gloo ranks"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     stated_peak = p.peak_flops or cfg.metrics.get("peak_flops")
     torch.set_num_threads(threads)
     local_peak = measure_peak(device) if not (stated_peak and p.efficiency) else 0.0
     peak = float(stated_peak or local_peak)
     notes["peak"] = "stated" if stated_peak else f"matmul probe, {threads} thread(s)"
+    batch, m = int(cfg.data.batch_size), int(p.micro_batches)
+    micro_batch = batch // m if m > 1 and batch % m == 0 else 0
+    need_link = not p.bandwidth and nproc > 1
+    links, world = {}, 1
+    if not p.efficiency or need_link:
+        timed, links, world = concurrent.probe(cfg, nproc, (batch, micro_batch) if not p.efficiency else (), threads)
+    if p.bandwidth:
+        bandwidth, latency, links = parse_bandwidth(p.bandwidth, "plan.bandwidth"), 0.0, {}
+        notes["link"] = "stated"
+    elif links:
+        latency, bandwidth = links["allreduce"]
+        notes["link"] = f"all-reduce; measured here: {world} gloo ranks, " + ", ".join(
+            f"{op} {human(b)}/s + {a * 1e6:.0f} us" for op, (a, b) in links.items())
+    else:
+        bandwidth, latency, notes["link"] = float("inf"), 0.0, "one rank: no communication"
     if p.efficiency:
         efficiency, micro, update, notes["eff"] = float(p.efficiency), 0.0, 0.0, "stated; optimizer time not modelled"
     else:
-        batch, m = int(cfg.data.batch_size), int(p.micro_batches)
-        efficiency, seconds, update = _measured_efficiency(cfg, facts, batch, threads, local_peak)
-        # small micro-batches run less efficiently (per-call overheads): measure that too
-        micro = _measured_efficiency(cfg, facts, batch // m, threads, local_peak)[0] if m > 1 and batch % m == 0 else 0.0
-        notes["eff"] = (f"measured: fwd+bwd {seconds * 1e3:.1f} ms, update {update * 1e3:.1f} ms per real step here; "
-                        f"{micro:.3f} at micro-batch {batch // m}")
-    return pm.Machine(nproc, memory, bandwidth, latency, peak, efficiency, micro, update), notes
+        (seconds, update), (micro_s, _) = timed
+        efficiency = facts.flops_per_sample * batch / seconds / local_peak
+        micro = facts.flops_per_sample * micro_batch / micro_s / local_peak if micro_s else 0.0
+        notes["eff"] = (f"measured with {world} process(es) stepping at once, {threads} thread(s) each: fwd+bwd "
+                        f"{seconds * 1e3:.1f} ms, update {update * 1e3:.1f} ms; {micro:.3f} at micro-batch "
+                        f"{micro_batch}")
+    machine = pm.Machine(nproc, memory, bandwidth, latency, peak, efficiency, micro, update, links)
+    if _stated_host(p):
+        notes["host"] = "loop overhead and framework memory not added (stated machine)"
+        return machine, notes
+    tiny_step, base, where = host.framework(nproc, threads)
+    comm = tiny_comm(machine, nproc, m)["single (1 rank)" if nproc == 1 else "ddp"]
+    machine.overhead_s, machine.base_b = max(tiny_step - comm, 0.0), base
+    notes["host"] = (f"loop {machine.overhead_s * 1e3:.1f} ms/step, framework {human(base)}/rank (tiny "
+                     f"{'single' if nproc == 1 else 'ddp'} run, {where})")
+    return machine, notes
 
 
-def _measured_efficiency(cfg: DictConfig, facts: pm.ModelFacts, batch: int, threads: int,
-                         peak: float) -> tuple[float, float, float]:
-    """(efficiency of forward+backward, its seconds, optimizer update seconds)."""
-    from disttrain.plan import probe as plan_probe
-
-    seconds, update = plan_probe.step_time(cfg, batch, threads)
-    return facts.flops_per_sample * batch / seconds / peak, seconds, update
+def _stated_host(p) -> bool:
+    """A machine described by its figures (another host) gets no terms measured here."""
+    return bool(p.device_memory and p.bandwidth and p.peak_flops and p.efficiency)
 
 
 def _local_memory(nproc: int) -> float:
@@ -114,14 +131,18 @@ def describe(cfg: DictConfig, facts: pm.ModelFacts, machine: pm.Machine, notes: 
             f"machine: {machine.nproc} ranks; {human(machine.device_memory)}/rank ({notes['memory']}); link "
             f"{human(machine.bandwidth)}/s, latency {machine.latency * 1e6:.0f} us ({notes['link']}); peak "
             f"{machine.peak_flops:.3g} FLOP/s/rank ({notes['peak']}); efficiency {machine.efficiency:.3f} ({notes['eff']})\n"
+            f"host: {notes['host']}\n"
             f"batch {cfg.data.batch_size}/rank x accum {cfg.trainer.grad_accum_steps}; optimizer state "
-            f"{optimizer_bytes(cfg)} B/param; precision {configured(cfg)} (fsdp rows: {_fsdp_bytes(cfg)})")
+            f"{optimizer_bytes(cfg)} B/param; precision {configured(cfg)} ({_storage(cfg)})")
 
 
-def _fsdp_bytes(cfg: DictConfig) -> str:
-    """The fsdp rows follow the run's precision; the others stay fp32 (said, not implied)."""
+def _storage(cfg: DictConfig) -> str:
+    """How each engine stores the run's precision (``model.state_bytes``), said, not implied."""
     gather, reduce = sharded.dtype_bytes(configured(cfg))
-    return f"fp32 shards, {gather}-byte gathers, {reduce}-byte reductions"
+    low = configured(cfg) != "32"
+    zero = "2-byte params+grads, fp32 master + optimizer" if low else "fp32, stages 1-2 + fp32 master"
+    return (f"fsdp rows: fp32 shards, {gather}-byte gathers, {reduce}-byte reductions; zero rows (DeepSpeed): {zero}; "
+            f"others: fp32 params+grads (autocast)")
 
 
 def sharded_layouts(cfg: DictConfig, nproc: int) -> list[sharded.Layout]:
@@ -143,9 +164,41 @@ def predictions(cfg: DictConfig, nproc: int) -> tuple[list[pm.Prediction], pm.Mo
     facts = plan_probe.model_facts(cfg, int(cfg.data.batch_size))
     machine, notes = machine_from(cfg, facts, nproc, _threads(nproc))
     work = pm.Workload(int(cfg.data.batch_size), int(cfg.trainer.grad_accum_steps), int(cfg.plan.micro_batches),
-                       optimizer_bytes(cfg), configured(cfg))
+                       optimizer_bytes(cfg), configured(cfg), _schedule(cfg), _staleness(cfg))
     rows = sharded.predict_rows(facts, machine, work, sharded_layouts(cfg, nproc))
     return pm.predict_all(facts, machine, work, rows), facts, machine, notes
+
+
+def tiny_comm(machine: pm.Machine, nproc: int, micro_batches: int) -> dict[str, float]:
+    """Predicted communication seconds per row for the host calibration's tiny model
+    (``plan.host.TINY``) on ``machine``: its collectives are latency, which the rows
+    already count, so they come off the tiny run's step before it is used as loop overhead."""
+    from disttrain.plan import host
+    from disttrain.plan import probe as plan_probe
+
+    cfg = compose(host.TINY + [f"dist.nproc_per_node={nproc}"])
+    facts = plan_probe.model_facts(cfg, int(cfg.data.batch_size))
+    work = pm.Workload(int(cfg.data.batch_size), 1, micro_batches, optimizer_bytes(cfg), "32", "gpipe")
+    rows = sharded.predict_rows(facts, machine, work, sharded.layouts(nproc)[:1])
+    return {p.strategy.split(" m=")[0]: p.comm_s for p in pm.predict_all(facts, machine, work, rows)}
+
+
+def _schedule(cfg: DictConfig) -> str:
+    """The pipeline row's schedule: the run's when it is strategy=pipeline, else the default."""
+    if str(cfg.strategy.get("_target_", "")).endswith(".Pipeline"):
+        return str(cfg.strategy.get("schedule", "1f1b"))
+    return "1f1b"
+
+
+def _staleness(cfg: DictConfig):
+    """The param_server row's max_staleness: the run's when it is strategy=param_server, else
+    conf/strategy/param_server.yaml's default."""
+    from disttrain.config.resolvers import config_dir
+
+    if str(cfg.strategy.get("_target_", "")).endswith(".ParamServer"):
+        return cfg.strategy.get("max_staleness")
+    default = os.path.join(config_dir(), "strategy", "param_server.yaml")
+    return OmegaConf.load(default).get("max_staleness", 0) if os.path.exists(default) else 0
 
 
 def check(cfg: DictConfig) -> None:
@@ -160,5 +213,8 @@ def check(cfg: DictConfig) -> None:
             raise ValueError(f"plan.{key}={p[key]} must be > 0 (or null to measure it here).")
     if p.efficiency is not None and float(p.efficiency) > 1:
         raise ValueError(f"plan.efficiency={p.efficiency} is a fraction of peak: give a value in (0, 1].")
-    if int(p.micro_batches) < 1 or int(p.validate_nproc) < 1 or int(p.validate_steps) < 3:
-        raise ValueError("plan.micro_batches and plan.validate_nproc must be >= 1, plan.validate_steps >= 3.")
+    for key, least, why in (("micro_batches", 1, "pipeline micro-batches per step"),
+                            ("validate_nproc", 1, "ranks of the validation runs"),
+                            ("validate_steps", 3, "the first logged third is warm-up, so at least 3 steps")):
+        if int(p[key]) < least:
+            raise ValueError(f"plan.{key}={p[key]} must be >= {least} ({why}).")

@@ -1,89 +1,118 @@
 """``plan.validate=true``: short real trainings here, predicted vs measured side by side.
 
-Each strategy that exists in conf/strategy runs through the real CLI in a subprocess (its
-own process group, its own run dir); measured figures are read back from its TensorBoard
-files: the observer's mean step time over the logged intervals after the first (warm-up),
-and the largest training memory over the ranks (GPU: peak allocated; CPU: parameter bytes
-plus the growth of peak resident memory once training started).
+Each strategy that exists in conf/strategy runs through the real CLI in subprocesses (own
+process group, own run dir), twice: ``plan.validate_steps`` steps for the step time (the
+observer's mean over the logged intervals after the first, warm-up) and a few steps for the
+memory (the largest over the ranks; GPU: peak allocated; CPU: the model state the rank
+holds plus the growth of peak resident memory, with freed tensors leaving it:
+``plan.host``). The prediction takes this strategy's own loop overhead and framework
+memory (``plan.host.framework``).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from disttrain.config.resolvers import config_dir
-from disttrain.plan import model as pm
-from disttrain.plan.core import compose, human, predictions
+from disttrain.plan.core import compose, human, predictions, tiny_comm
+from disttrain.plan import host
 
-#: CLI strategy -> (extra overrides, name of the matching prediction)
+log = logging.getLogger("disttrain")
+MEMORY_STEPS = 4  # the peak is reached by step 2 (optimizer state from step 1, DDP's bucket rebuild at 2)
+
+#: row name -> (strategy config, extra overrides, name of the matching prediction)
 CANDIDATES = {
-    "single": ([], "single (1 rank)"),
-    "ddp": ([], "ddp"),
-    "pipeline": (["strategy.schedule=gpipe"], "pipeline"),
-}  # param_server: its server and worker ranks step at different rates; not validated yet
+    "single": ("single", [], "single (1 rank)"),
+    "ddp": ("ddp", [], "ddp"),
+    "fsdp": ("fsdp", [], "fsdp"),
+    "zero1": ("deepspeed", ["strategy.zero_stage=1"], "zero1"),
+    "zero2": ("deepspeed", ["strategy.zero_stage=2"], "zero2"),
+    "zero3": ("deepspeed", ["strategy.zero_stage=3"], "zero3"),
+    "pipeline": ("pipeline", [], "pipeline"),
+    "tensor parallel": ("model_parallel", ["strategy.mode=tensor"], "tensor parallel"),
+    "param_server": ("param_server", [], "param_server"),
+}
 
 
 def _overrides(argv: list[str]) -> list[str]:
     # hydra.searchpath stays: the measured runs must see the user's config directories.
-    return [a for a in argv if not a.startswith(("plan.", "dist.nproc_per_node=", "strategy=", "hydra."))
+    return [a for a in argv if not a.startswith(("plan.", "dist.nproc_per_node=", "strategy=", "strategy.", "hydra."))
             or a.startswith("hydra.searchpath=")]
 
 
-def run_measured(argv: list[str], strategy: str, nproc: int, steps: int, threads: int, extra: list[str],
-                 run_dir: Path) -> dict[str, float]:
-    """Train ``steps`` steps for real; return measured step seconds and memory growth bytes."""
-    from disttrain.observe.report import read_scalars
+def available(nproc: int, only: list[str] | None = None) -> list[str]:
+    """The rows to run at ``nproc`` ranks: single alone at one rank, the others from two;
+    DeepSpeed's only where it is installed."""
+    import importlib.util
 
-    every = max(steps // 3, 1)
-    cmd = [sys.executable, "-m", "disttrain", *_overrides(argv), f"strategy={strategy}", *extra,
-           f"dist.nproc_per_node={nproc}", f"trainer.max_steps={steps}", f"trainer.log_every={every}",
-           "checkpoint.every_steps=0", "metrics.straggler_every=0", "trainer.progress=log",
-           f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    tags = read_scalars(run_dir)
-    steps_s = [v for _, v in tags["train/time_step_s"][1:]] or [v for _, v in tags["train/time_step_s"]]
-    growth = max(tags[t][-1][1] for t in tags if t.endswith("/train_mem_gb") and t.startswith("rank"))
-    return {"step_s": sum(steps_s) / len(steps_s), "memory_b": growth * 1e9}
+    names = ["single"] if nproc == 1 else [n for n in CANDIDATES if n != "single"]
+    names = [n for n in names if (Path(config_dir()) / "strategy" / f"{CANDIDATES[n][0]}.yaml").exists()]
+    if importlib.util.find_spec("deepspeed") is None:
+        names = [n for n in names if CANDIDATES[n][0] != "deepspeed"]
+    return [n for n in names if not only or n in only]
 
 
-def _error(pred: float, meas: float) -> str:
-    return f"{(pred - meas) / meas * 100:+.0f}%" if meas > 0 else "n/a"
+def _error(pred: float, meas: float) -> float:
+    return (pred - meas) / meas if meas > 0 else float("nan")
 
 
-def side_by_side(rows: list[tuple[str, pm.Prediction, dict[str, float]]]) -> str:
+def side_by_side(rows: list[dict]) -> str:
     head = ("strategy", "ranks", "pred step ms", "meas step ms", "error", "pred mem", "meas mem", "error")
-    lines = [head] + [(name, str(n), f"{p.step_s * 1e3:.2f}", f"{m['step_s'] * 1e3:.2f}",
-                       _error(p.step_s, m["step_s"]), human(p.memory_b), human(m["memory_b"]),
-                       _error(p.memory_b, m["memory_b"])) for name, n, p, m in rows]
+    lines = [head] + [(r["strategy"], str(r["ranks"]), f"{r['pred_step_s'] * 1e3:.2f}", f"{r['meas_step_s'] * 1e3:.2f}",
+                       f"{r['step_error'] * 100:+.0f}%", human(r["pred_mem_b"]), human(r["meas_mem_b"]),
+                       f"{r['mem_error'] * 100:+.0f}%") for r in rows]
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines]
     text.insert(1, "-" * len(text[0]))
     return "\n".join(text)
 
 
-def validate(cfg: DictConfig, argv: list[str]) -> str:
-    """Predict at plan.validate_nproc ranks, run each available strategy, compare."""
+def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = None) -> list[dict]:
+    """Predict at plan.validate_nproc ranks (this host, measured), run each available
+    strategy for plan.validate_steps steps, return one row per run."""
     nproc, steps = int(cfg.plan.validate_nproc), int(cfg.plan.validate_steps)
-    local = compose(_overrides(argv) + [f"dist.nproc_per_node={nproc}", "plan.device_memory=null",
-                                        "plan.bandwidth=null"])
-    preds = {p.strategy.split(" m=")[0]: p for p in predictions(local, nproc)[0]}
+    names = available(nproc, only)
+    if not names:
+        return []
+    base_argv = _overrides(argv)
+    local = compose(base_argv + [f"dist.nproc_per_node={nproc}", f"plan.micro_batches={cfg.plan.micro_batches}",
+                                 "strategy=pipeline", "strategy.schedule=gpipe"])
     threads = max(1, (os.cpu_count() or 1) // nproc)
     rows = []
-    available = [s for s in CANDIDATES if (Path(config_dir()) / "strategy" / f"{s}.yaml").exists()]
     with tempfile.TemporaryDirectory(prefix="disttrain-plan-") as tmp:
-        for name in available:
-            extra, key = CANDIDATES[name]
-            n = 1 if name == "single" else nproc
-            if name == "pipeline":
-                extra = extra + [f"strategy.micro_batches={cfg.plan.micro_batches}"]
-            measured = run_measured(argv, name, n, steps, threads, extra, Path(tmp) / name)
-            rows.append((name, n, preds[key], measured))
+        for name in names:
+            strategy, extra, key = CANDIDATES[name]
+            if strategy == "pipeline":
+                extra = extra + ["strategy.schedule=gpipe", f"strategy.micro_batches={cfg.plan.micro_batches}"]
+            run_dir = Path(tmp) / name.replace(" ", "_")
+            try:
+                # this strategy's own loop overhead and framework memory (a tiny run, cached)
+                tiny_step, base, _ = host.framework(nproc, threads, strategy, tuple(extra))
+                # predicted right before the run: a shared host's load moves within minutes,
+                # and the probe must see the contention the run will
+                rows_pred, _, machine, _ = predictions(local, nproc)
+                preds = {p.strategy.split(" m=")[0]: p for p in rows_pred}
+                overhead = max(tiny_step - tiny_comm(machine, nproc, int(cfg.plan.micro_batches))[key], 0.0)
+                timed = host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / "time")
+                live = host.run_real(base_argv, strategy, nproc, MEMORY_STEPS, threads, extra, run_dir / "memory",
+                                     live_memory=True)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                log.warning("plan.validate: %s at %d ranks did not finish: %s", name, nproc, str(exc)[-300:])
+                continue
+            pred = dataclasses.replace(preds[key], overhead_s=overhead, base_b=base)
+            rows.append({"strategy": name, "ranks": nproc, "pred_step_s": pred.step_s, "meas_step_s": timed["step_s"],
+                         "step_error": _error(pred.step_s, timed["step_s"]), "pred_mem_b": pred.memory_b,
+                         "meas_mem_b": live["memory_b"], "mem_error": _error(pred.memory_b, live["memory_b"])})
+    return rows
+
+
+def validate(cfg: DictConfig, argv: list[str]) -> str:
+    nproc, steps = int(cfg.plan.validate_nproc), int(cfg.plan.validate_steps)
+    rows = validate_rows(cfg, argv)
     return f"validation here ({nproc} ranks, {steps} steps each):\n" + side_by_side(rows)

@@ -1,12 +1,14 @@
 """The planner's cost model: memory per rank and step time per strategy, from a few facts
 about the model and the machine. Pure functions, no torch: unit-testable formulas.
 
-Memory follows the ZeRO paper's accounting with fp32 training: parameters 4Ψ, gradients
-4Ψ, optimizer state KΨ bytes (K = 8 for Adam's two moments, 4 for momentum SGD, 0 for
-plain SGD), plus activations saved for backward. Step time = compute (model FLOPs over
-peak x efficiency) + communication (ring all-reduce 2(n-1)/n·S/B plus 2(n-1) latencies),
-and for pipelines the GPipe bubble (p-1)/(m+p-1). The FSDP / HSDP / 2-D / 3-D rows
-(``plan.sharded``) follow ``trainer.precision`` as FSDP2 stores it.
+Memory follows the ZeRO paper's accounting, with the bytes each engine really stores for
+``trainer.precision`` (``state_bytes``): parameters, gradients, optimizer state (K = 8 for
+Adam's two moments, 4 for momentum SGD, 0 for plain SGD, plus DeepSpeed's fp32 master
+copy), activations saved for backward (per pipeline schedule), transients, and a fixed
+framework term measured once per host. Step time = compute (model FLOPs over peak x
+efficiency) + communication (per-collective latency + bytes / bandwidth, ring volumes) +
+the pipeline bubble (p-1)/(m+p-1) + the training loop's own per-step overhead. The FSDP /
+HSDP / 2-D / 3-D rows (``plan.sharded``) follow ``trainer.precision`` as FSDP2 stores it.
 """
 from __future__ import annotations
 
@@ -38,6 +40,14 @@ class Machine:
     efficiency: float              # achieved/peak for this model's kernels
     micro_efficiency: float = 0.0  # the same at a pipeline micro-batch (0: use efficiency)
     update_s: float = 0.0          # optimizer update of all parameters on one rank (seconds)
+    # measured per collective: {"allreduce" | "allgather" | "p2p": (latency s, bandwidth B/s)};
+    # a missing one falls back to (latency, bandwidth)
+    links: dict = dataclasses.field(default_factory=dict)
+    overhead_s: float = 0.0        # the training loop's own time per step (data, observer, hooks)
+    base_b: float = 0.0            # framework memory per rank a run adds to its model's bytes
+
+    def link(self, op: str) -> tuple[float, float]:
+        return self.links.get(op, (self.latency, self.bandwidth))
 
 
 @dataclasses.dataclass
@@ -47,6 +57,8 @@ class Workload:
     micro_batches: int = 8         # pipeline m
     optim_bytes: int = 8           # K
     precision: str = "32"          # trainer.precision: 32 | bf16 | fp16
+    schedule: str = "1f1b"         # pipeline schedule: gpipe keeps every micro-batch's activations
+    staleness: int | None = 4      # param_server's max_staleness (None: fully asynchronous)
 
 
 @dataclasses.dataclass
@@ -61,17 +73,23 @@ class Prediction:
     bubble: float
     samples_per_step: float
     update_s: float = 0.0          # optimizer update (after the pipeline drains; not in the bubble)
-    temp_b: float = 0.0            # transient buffers (optimizer temporaries, DDP bucket rebuild)
+    temp_b: float = 0.0            # transients next to the activations (buckets, gathered blocks, DDP rebuild)
     fits: bool = True
     note: str = ""
+    base_b: float = 0.0            # the host's framework term (Machine.base_b)
+    overhead_s: float = 0.0        # the loop's per-step time (Machine.overhead_s)
+    step_temp_b: float = 0.0       # transients of the optimizer step, after backward freed the activations
 
     @property
     def memory_b(self) -> float:
-        return self.params_b + self.grads_b + self.optim_b + self.act_b + self.temp_b
+        """Model states + the larger of the two peaks (end of forward / during backward:
+        activations + their transients; the update: its temporaries) + the framework term."""
+        peak = max(self.act_b + self.temp_b, self.step_temp_b)
+        return self.params_b + self.grads_b + self.optim_b + peak + self.base_b
 
     @property
     def step_s(self) -> float:
-        return self.compute_s / (1.0 - self.bubble) + self.update_s + self.comm_s
+        return self.compute_s / (1.0 - self.bubble) + self.update_s + self.comm_s + self.overhead_s
 
     @property
     def samples_per_s(self) -> float:
@@ -90,15 +108,54 @@ def allreduce_s(nbytes: float, n: int, machine: Machine) -> float:
     """Ring all-reduce: each rank sends and receives 2(n-1)/n·S in 2(n-1) messages."""
     if n <= 1:
         return 0.0
-    return 2 * (n - 1) / n * nbytes / machine.bandwidth + 2 * (n - 1) * machine.latency
+    latency, bandwidth = machine.link("allreduce")
+    return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * latency
 
 
-def zero_memory(stage: int, psi: int, n: int, k: int) -> tuple[float, float, float]:
-    """(params, grads, optimizer) bytes per rank for ZeRO stage 0..3 (fp32, K bytes/param)."""
-    params = 4.0 * psi / (n if stage >= 3 else 1)
-    grads = 4.0 * psi / (n if stage >= 2 else 1)
-    optim = float(k) * psi / (n if stage >= 1 else 1)
+def p2p_s(nbytes: float, messages: float, machine: Machine) -> float:
+    """Point-to-point sends (pipeline boundaries): latency per message + bytes / bandwidth."""
+    latency, bandwidth = machine.link("p2p")
+    return nbytes / bandwidth + messages * latency
+
+
+ENGINES = {"single": "torch", "ddp": "torch", "zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed"}
+
+
+def state_bytes(engine: str, precision: str, stage: int, psi: float, n: int, k: int) -> tuple[float, float, float]:
+    """(parameters, gradients, optimizer state) bytes per rank as each engine stores them.
+
+    torch (disttrain's single, ddp, pipeline, tensor parallel, parameter server): autocast
+    keeps fp32 parameters and gradients whatever ``trainer.precision`` (4 + 4 + K).
+    deepspeed, bf16/fp16: 2-byte parameters and gradients, the optimizer holds an fp32
+    master copy next to its K bytes (ZeRO paper: 2 + 2 + 12 for Adam); fp32: 4-byte
+    parameters and gradients, and stages 1-2 still clone their fp32 partition as the
+    optimizer's own (stage 3 updates the partition in place). Stage s >= 1 shards the
+    optimizer, >= 2 the gradients, 3 the parameters over n ranks.
+    """
+    if engine == "torch":
+        return 4.0 * psi, 4.0 * psi, float(k) * psi
+    low = precision in ("bf16", "fp16")
+    width = 2.0 if low else 4.0
+    master = 4.0 if (low or stage in (1, 2)) else 0.0
+    params = width * psi / (n if stage >= 3 else 1)
+    grads = width * psi / (n if stage >= 2 else 1)
+    optim = (k + master) * psi / (n if stage >= 1 else 1)
     return params, grads, optim
+
+
+def zero_memory(stage: int, psi: int, n: int, k: int, precision: str = "32") -> tuple[float, float, float]:
+    """(params, grads, optimizer) bytes per rank for ZeRO stage 0..3: stage 0 is torch DDP,
+    1-3 DeepSpeed's ZeRO (``state_bytes``)."""
+    return state_bytes("torch" if stage == 0 else "deepspeed", precision, stage, psi, n, k)
+
+
+def pipeline_activations(act_per_sample: float, batch: int, p: int, m: int, schedule: str) -> float:
+    """Saved activations on the busiest (first) stage, which holds 1/p of the model: GPipe
+    runs all m forwards before the first backward (m micro-batches of batch/m samples =
+    the whole batch); 1F1B (and the interleaved / zero-bubble schedules, which keep the
+    same bound per rank) starts a backward once p forwards are in flight: min(p, m)."""
+    in_flight = m if schedule == "gpipe" else min(p, m)
+    return act_per_sample * batch / m / p * in_flight
 
 
 def optimizer_temp(psi_local: float, k: int) -> float:
@@ -112,16 +169,66 @@ def _compute_s(m: ModelFacts, machine: Machine, samples: float, shards: int = 1,
     return m.flops_per_sample * samples / shards / (machine.peak_flops * efficiency)
 
 
+def autocast_temp(psi_local: float, precision: str) -> float:
+    """torch autocast casts each fp32 weight to bf16/fp16 once per forward and keeps the cast
+    for backward."""
+    return 2.0 * psi_local if precision in ("bf16", "fp16") else 0.0
+
+
+def _finish(pred: Prediction, machine: Machine, step_temp: float = 0.0) -> Prediction:
+    """Adds the host terms and moves the update's temporaries to their own peak."""
+    pred.base_b, pred.overhead_s = machine.base_b, machine.overhead_s
+    pred.step_temp_b = step_temp
+    return pred
+
+
+#: DeepSpeed's default buffer sizes (elements): reduce_bucket_size, stage3_prefetch_bucket_size
+DS_REDUCE_BUCKET, DS_PREFETCH = 5e8, 5e7
+
+
+def deepspeed_buffers(stage: int, psi: float, n: int, width: float) -> tuple[float, float]:
+    """(backward transients, update transients) of DeepSpeed's ZeRO with default buckets,
+    next to the activations: stages 1-2 flatten the gradients into a reduce bucket of up to
+    reduce_bucket_size elements; stage 1 also keeps the averaged fp32 gradient partition,
+    stage 2 first copies the gradients into its contiguous buffer (a second bucket); stage 3
+    holds the gathered parameters (up to stage3_prefetch_bucket_size) and two buckets of
+    unreduced gradients. The update builds the fp32 gradient partition and the optimizer's
+    temporary. (Measured on 2 CPU ranks, fp32: within 2-7% of the live peak.)"""
+    bucket = width * min(psi, DS_REDUCE_BUCKET)
+    partition = 4.0 * psi / n
+    if stage == 3:
+        backward = width * min(psi, DS_PREFETCH) + 2 * bucket
+    elif stage == 2:  # the averaged partition is the gradient shard itself (the grads column)
+        backward = 2 * bucket
+    else:
+        backward = bucket + partition
+    return backward, 2 * partition
+
+
 def _data_parallel(name: str, stage: int, m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     n, samples = machine.nproc, w.batch * w.accum
-    params, grads, optim = zero_memory(stage, m.params, n, w.optim_bytes)
-    volume = 4.0 * m.params * (1.5 if stage == 3 else 1.0)  # stage 3 gathers parameters again in backward
+    engine = ENGINES.get(name, "torch")
+    params, grads, optim = state_bytes(engine, w.precision, stage, m.params, n, w.optim_bytes)
+    # what the gradient reduction moves: fp32 under torch autocast, the engine's width under DeepSpeed
+    width = grads / m.params * (n if stage >= 2 else 1)
+    volume = width * m.params * (1.5 if stage == 3 else 1.0)  # stage 3 gathers parameters again in backward
     update = machine.update_s / (n if stage >= 1 else 1)  # ZeRO >= 1: each rank updates its shard
-    # DDP rebuilds its gradient buckets after the first step: old and new coexist briefly
+    # DDP rebuilds its gradient buckets at the start of the second step (old and new coexist
+    # briefly, before the forward has saved anything): a peak of its own, like the update's
     rebuild = 4.0 * m.params if (stage == 0 and n > 1) else 0.0
-    temp = optimizer_temp(m.params / (n if stage >= 1 else 1), w.optim_bytes) + rebuild
-    return Prediction(name, params, grads, optim, m.act_bytes_per_sample * w.batch,
-                      _compute_s(m, machine, samples), allreduce_s(volume, n, machine), 0.0, samples * n, update, temp)
+    step_temp = max(optimizer_temp(m.params / (n if stage >= 1 else 1), w.optim_bytes), rebuild)
+    temp = autocast_temp(m.params, w.precision) if engine == "torch" else 0.0
+    if engine == "deepspeed":
+        backward, update_temp = deepspeed_buffers(stage, m.params, n, width)
+        step_temp = max(step_temp, update_temp)
+        if m.params <= DS_REDUCE_BUCKET:  # one bucket: reduced once backward has freed the activations
+            step_temp = max(step_temp, backward)
+        else:  # full buckets are reduced during backward, next to the activations
+            temp += backward
+    act = m.act_lowp_per_sample if engine == "deepspeed" and w.precision != "32" and m.act_lowp_per_sample \
+        else m.act_bytes_per_sample
+    return _finish(Prediction(name, params, grads, optim, act * w.batch, _compute_s(m, machine, samples),
+                              allreduce_s(volume, n, machine), 0.0, samples * n, update, temp), machine, step_temp)
 
 
 def single(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
@@ -129,19 +236,36 @@ def single(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     return _data_parallel("single (1 rank)", 0, m, one, w)
 
 
+def largest_stage(m: ModelFacts, p: int) -> float:
+    """Parameters of the heaviest of p contiguous stages, split as strategy.balance=params
+    does (the heaviest group as small as possible) over the model's units; Ψ/p without them."""
+    sizes = [u[0] for u in m.units]
+    if p <= 1 or len(sizes) < p or sum(sizes) != m.params:
+        return m.params / p
+    best = {(0, 0): 0.0}  # (stages used, units used) -> smallest heaviest stage
+    for k in range(1, p + 1):
+        for i in range(k, len(sizes) + 1):
+            best[k, i] = min(max(best[k - 1, j], sum(sizes[j:i])) for j in range(k - 1, i) if (k - 1, j) in best)
+    return best[p, len(sizes)]
+
+
 def pipeline(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
-    """p = n stages over one batch of ``batch`` split into m micro-batches (GPipe)."""
+    """p = n stages over one batch of ``batch`` split into m micro-batches; activations as
+    the schedule keeps them (``pipeline_activations``), the bubble (p-1)/(m+p-1)."""
     p, mb = machine.nproc, w.micro_batches
     samples = w.batch * w.accum
     # every micro-batch's activation crosses each boundary forward and its gradient backward
-    comm = 2 * (m.boundary_bytes_per_sample * samples / machine.bandwidth + mb * w.accum * machine.latency)
-    pred = Prediction(f"pipeline m={mb}", 4.0 * m.params / p, 4.0 * m.params / p, w.optim_bytes * m.params / p,
-                      m.act_bytes_per_sample * w.batch / p, _compute_s(m, machine, samples, p, micro=True),
-                      comm if p > 1 else 0.0, (p - 1) / (mb + p - 1), samples, machine.update_s / p,
-                      optimizer_temp(m.params / p, w.optim_bytes))
+    comm = 2 * p2p_s(m.boundary_bytes_per_sample * samples, mb * w.accum, machine)
+    act = pipeline_activations(m.act_bytes_per_sample, w.batch, p, mb, w.schedule)
+    psi = largest_stage(m, p)  # the busiest rank: memory and the slowest stage's compute
+    share = psi / m.params
+    pred = Prediction(f"pipeline m={mb}", 4.0 * psi, 4.0 * psi, w.optim_bytes * psi,
+                      act, _compute_s(m, machine, samples * share, 1, micro=True),
+                      comm if p > 1 else 0.0, (p - 1) / (mb + p - 1), samples, machine.update_s * share,
+                      autocast_temp(psi, w.precision))
     if w.batch % mb:
         pred.fits, pred.note = False, f"data.batch_size={w.batch} not divisible by m={mb}"
-    return pred
+    return _finish(pred, machine, optimizer_temp(psi, w.optim_bytes))
 
 
 def tensor_parallel(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
@@ -151,28 +275,36 @@ def tensor_parallel(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     psi = m.params - m.linear_params + m.linear_params / t
     act = m.act_bytes_per_sample * w.batch * (m.tp_replicated_act + (1 - m.tp_replicated_act) / t)
     comm = 4 * m.blocks * w.accum * allreduce_s(m.boundary_bytes_per_sample * w.batch, t, machine)
-    return Prediction("tensor parallel", 4.0 * psi, 4.0 * psi, w.optim_bytes * psi, act,
-                      _compute_s(m, machine, samples, t), comm, 0.0, samples, machine.update_s / t,
-                      optimizer_temp(psi, w.optim_bytes))
+    return _finish(Prediction("tensor parallel", 4.0 * psi, 4.0 * psi, w.optim_bytes * psi, act,
+                              _compute_s(m, machine, samples, t), comm, 0.0, samples, machine.update_s / t,
+                              autocast_temp(psi, w.precision)), machine, optimizer_temp(psi, w.optim_bytes))
 
 
 def param_server(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     """One server (parameters + optimizer) and n-1 workers; each worker step pushes the
-    gradients and pulls the parameters, and the server's link carries all workers' traffic."""
+    gradients and pulls the parameters, and the server's link and updates serve every
+    worker in turn. Synchronous (max_staleness=0) a worker waits for its own round trip;
+    with bounded staleness its pushes and pulls overlap its next steps, and only a server
+    busier than one step of compute shows."""
     n, samples = machine.nproc, w.batch * w.accum
     workers = max(n - 1, 1)
     compute = _compute_s(m, machine, samples)
-    per_worker = 2 * (4.0 * m.params / machine.bandwidth + machine.latency)
-    # the server's link and its updates serve every worker: past some count they are the limit
-    comm = max(per_worker, workers * (per_worker + machine.update_s) - compute)
+    per_worker = 2 * p2p_s(4.0 * m.params, 1, machine)
+    server = workers * (per_worker + machine.update_s)
+    if w.staleness == 0:
+        comm = max(per_worker + machine.update_s, server - compute)
+    else:
+        comm = max(server - compute, 0.0)
     optim, act = w.optim_bytes * m.params, m.act_bytes_per_sample * w.batch
-    # per rank = the larger role: the server (optimizer state) or a worker (activations)
+    # per rank = the larger role: the server (optimizer state, one received gradient per
+    # worker in flight) or a worker (activations)
     server_role = optim >= act
     pred = Prediction("param_server", 4.0 * m.params, 4.0 * m.params, optim if server_role else 0.0,
-                      0.0 if server_role else act, compute, comm, 0.0, samples * workers)
+                      0.0 if server_role else act, compute, comm, 0.0, samples * workers,
+                      temp_b=4.0 * m.params * (workers - 1) if server_role else 0.0)
     if n < 2:
         pred.fits, pred.note = False, "needs >= 2 ranks (1 server + workers)"
-    return pred
+    return _finish(pred, machine, optimizer_temp(m.params, w.optim_bytes) if server_role else 0.0)
 
 
 def predict_all(m: ModelFacts, machine: Machine, w: Workload, sharded: list[Prediction] = ()) -> list[Prediction]:

@@ -1,26 +1,27 @@
-"""What the planner measures: facts about the model (parameters, FLOPs, activation bytes)
-and about this machine (compute efficiency of the model's own step, collective bandwidth).
+"""What the planner measures about the model (parameters, FLOPs, activation bytes) and the
+timing of its real step here (``step_time``; run by ``plan.concurrent`` in as many processes
+at once as the plan has ranks, next to the collective curves).
 
 Model facts come from one forward/backward on the meta device (no memory, any size), or
 on the CPU when the model is small enough: the CPU's fused attention saves less than the
-meta device's decomposed attention, and real is what the plan must predict.
+meta device's decomposed attention, and real is what the plan must predict; there the
+activation figure is the peak of all tensors forward + backward hold (``plan.live``), not
+only those saved for backward.
 """
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import time
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from omegaconf import DictConfig
 from torch import nn
 
 from disttrain.engine import builders
 from disttrain.memory.checkpointing import find_blocks
 from disttrain.observe.flops import count_train_flops
+from disttrain.plan import live
 from disttrain.plan.model import ModelFacts
 from disttrain.strategies.precision import configured
 
@@ -75,6 +76,8 @@ def model_facts(cfg: DictConfig, batch: int) -> ModelFacts:
         model = build().to(device) if device == "cpu" else meta
     x, y = inputs[:1].to(device), targets[:1].to(device)  # one sample: activations scale with the batch
     saved = _saved_bytes(model, x, y, loss_fn) * batch
+    if device == "cpu":  # real tensors: the peak of everything forward + backward holds, at the run's batch
+        saved = max(saved, live.peak_bytes(model, inputs, targets, loss_fn))
     blocks, boundary = _blocks_and_boundary(model, x)
     flops = count_train_flops(build, (inputs, targets), loss_fn)
     low = configured(cfg)
@@ -163,43 +166,3 @@ def step_time(cfg: DictConfig, batch: int, threads: int, steps: int = 8) -> tupl
         return statistics.median(backward[2:]), statistics.median(update[2:])
     finally:
         torch.set_num_threads(previous)
-
-
-def _bandwidth_worker(rank: int, world: int, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = []
-    for numel in (256, 4 << 20):  # 1 KiB: latency; 16 MiB: bandwidth
-        buf = torch.ones(numel)
-        dist.all_reduce(buf)
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            dist.all_reduce(buf)
-            best = min(best, time.perf_counter() - start)
-        results.append((numel * 4, best))
-    if rank == 0:
-        out.put(results)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def collective_link(world: int = 2) -> tuple[float, float]:
-    """(bandwidth bytes/s, latency s) of gloo all-reduce between ``world`` local processes,
-    fitted to the ring model t = 2(n-1)/n·S/B + 2(n-1)·α."""
-    from disttrain.distributed.process_group import free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_bandwidth_worker, args=(r, world, port, queue)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    (small, t_small), (big, t_big) = queue.get(timeout=120)
-    for proc in procs:
-        proc.join(30)
-    hops = 2 * (world - 1)
-    latency = t_small / hops
-    bandwidth = hops / world * big / max(t_big - hops * latency, 1e-9)
-    return bandwidth, latency

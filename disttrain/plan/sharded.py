@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from disttrain.plan.model import (Machine, ModelFacts, Prediction, Workload, _compute_s, allreduce_s, human,
-                                  optimizer_temp)
+from disttrain.plan.model import (Machine, ModelFacts, Prediction, Workload, _compute_s, _finish, allreduce_s,
+                                  human, optimizer_temp, p2p_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,8 @@ def ring_s(nbytes: float, n: int, machine: Machine, count: int = 1) -> float:
     ``count`` collectives: each rank moves (n-1)/n of it in n-1 hops per collective."""
     if n <= 1:
         return 0.0
-    return (n - 1) / n * nbytes / machine.bandwidth + (n - 1) * machine.latency * count
+    latency, bandwidth = machine.link("allgather")
+    return (n - 1) / n * nbytes / bandwidth + (n - 1) * latency * count
 
 
 def fsdp_comm_s(m: ModelFacts, machine: Machine, w: Workload, layout: Layout, psi: float, count: int) -> float:
@@ -145,10 +146,10 @@ def fsdp(m: ModelFacts, machine: Machine, w: Workload, layout: Layout) -> Predic
     unsharded = 4.0 * psi if w.accum > 1 else 0.0  # no_sync accumulates the full gradient
     comm = fsdp_comm_s(m, machine, w, layout, psi, messages(m))
     comm += tp_comm_s(m, machine, w, tp, m.blocks, w.batch, w.accum) if tp > 1 else 0.0
-    temp = shards[3] + gathered_b(m, tp, w.precision, layout.reshard)
-    return Prediction(layout.name, shards[0], shards[1] + unsharded, shards[2], act_b(m, w, tp),
-                      _compute_s(m, machine, samples, tp), comm, 0.0, samples * layout.dp,
-                      machine.update_s * psi / m.params / shard, temp, note=note)
+    temp = gathered_b(m, tp, w.precision, layout.reshard)
+    return _finish(Prediction(layout.name, shards[0], shards[1] + unsharded, shards[2], act_b(m, w, tp),
+                              _compute_s(m, machine, samples, tp), comm, 0.0, samples * layout.dp,
+                              machine.update_s * psi / m.params / shard, temp, note=note), machine, shards[3])
 
 
 def pp_fsdp_tp(m: ModelFacts, machine: Machine, w: Workload, layout: Layout) -> Prediction:
@@ -163,15 +164,14 @@ def pp_fsdp_tp(m: ModelFacts, machine: Machine, w: Workload, layout: Layout) -> 
                                  max(messages(m) // p, 1))
     comm += tp_comm_s(m, machine, w, tp, m.blocks / p, w.batch / mb, w.accum * mb)
     # every micro-batch's activation crosses each stage boundary forward, its gradient backward
-    comm += 2 * (m.boundary_bytes_per_sample * gather / 4 * samples / machine.bandwidth
-                 + mb * w.accum * machine.latency)
+    comm += 2 * p2p_s(m.boundary_bytes_per_sample * gather / 4 * samples, mb * w.accum, machine)
     pred = Prediction(f"{layout.name} m={mb}", 4.0 * psi / shard, 4.0 * psi / shard + reduce * psi,
                       k * psi / shard, act_b(m, w, tp) / p, _compute_s(m, machine, samples, p * tp, micro=True),
                       comm, (p - 1) / (mb + p - 1), samples * layout.dp, machine.update_s * psi / m.params / shard,
-                      optimizer_temp(psi / shard, k) + gather * psi)
+                      gather * psi)
     if w.batch % mb:
         pred.fits, pred.note = False, f"data.batch_size={w.batch} not divisible by m={mb}"
-    return pred
+    return _finish(pred, machine, optimizer_temp(psi / shard, k))
 
 
 def predict(m: ModelFacts, machine: Machine, w: Workload, layout: Layout) -> Prediction:

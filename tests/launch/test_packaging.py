@@ -125,7 +125,7 @@ def test_user_config_dir_help_and_plan(installed, tmp_path):
 
     params = sum(p.numel() for p in build_mlp(in_dim=32, hidden=48, depth=3, out_dim=1, activation="relu").parameters())
     assert f"{params:,} parameters" in plan.stdout, plan.stdout
-    assert "recommended: " in plan.stdout and "(device memory per rank: 8 GB)" in plan.stdout
+    assert "recommended: " in plan.stdout and "(device memory per rank: 8 GB;" in plan.stdout
 
 
 def test_editable_checkout_reads_the_top_level_conf():

@@ -186,3 +186,54 @@ def test_peak_memory_is_lower_with_checkpointing_and_disk_offload():
     assert peak["mlp", "disk"]["peak_mb"] < 0.5 * mlp, peak  # measured 0.18x
     assert peak["gpt", "full"]["peak_mb"] < 0.5 * gpt, peak  # measured 0.27x
     assert peak["mlp", "disk"]["left_files"] == 0
+
+
+def _fsdp_held(rank: int, world: int):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from disttrain.observe.memory import TrainingMemory, held_bytes
+
+    dist.init_process_group("gloo")
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    full = sum(p.numel() * 4 for p in model.parameters())
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    reported = TrainingMemory(torch.device("cpu"), model).param_bytes
+    dist.destroy_process_group()
+    return full, held_bytes(model), reported
+
+
+def test_training_memory_counts_the_local_shards_of_fsdp_parameters():
+    """The read-back counted every DTensor at its full size: fsdp on 2 ranks reported a whole
+    model per rank. Each rank holds half of each weight and bias (64 rows split 32 / 32)."""
+    from helpers import spawn
+
+    for full, held, reported in spawn(_fsdp_held, 2, timeout=120):
+        assert full == 2 * (64 * 64 + 64) * 4
+        assert held == reported == full // 2
+
+
+class _Engine(nn.Module):
+    """DeepSpeed's shape: ZeRO-3 parameters are empty placeholders with the partition in
+    ``ds_tensor``; the optimizer (a ZeRO wrapper around a torch one) holds fp32 masters."""
+
+    def __init__(self, partitions: list[torch.Tensor], masters: list[torch.Tensor]):
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(0, dtype=torch.bfloat16)) for _ in partitions)
+        for param, part in zip(self.weights, partitions):
+            param.ds_tensor = part
+        inner = torch.optim.SGD(masters, lr=0.1)
+        self.optimizer = type("ZeroOptimizer", (), {"param_groups": inner.param_groups, "optimizer": inner})()
+
+
+def test_held_bytes_counts_deepspeed_partitions_and_fp32_masters_once():
+    from disttrain.observe.memory import held_bytes
+
+    partitions = [torch.zeros(500, dtype=torch.bfloat16), torch.zeros(300, dtype=torch.bfloat16)]
+    masters = [torch.zeros(800)]
+    # 2-byte partitions (1,600 B) + one fp32 master of 800 (3,200 B), seen by both optimizer levels
+    assert held_bytes(_Engine(partitions, masters)) == 1600 + 3200
+    plain = nn.Linear(10, 10)
+    assert held_bytes(plain) == (100 + 10) * 4

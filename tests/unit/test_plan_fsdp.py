@@ -35,10 +35,13 @@ def test_fsdp_full_shard_is_zero3_plus_the_gathered_blocks():
     # gathered: the current and the prefetched block in bf16 (2 x 2 B) + the block's fp32
     # reduce-scatter input (4 B) = 8 B x 117,187,500 = 937.5 MB; no root parameters here
     assert sharded.gathered_b(BIG, 1, "bf16", True) == pytest.approx(937_500_000)
-    assert rows["fsdp"].memory_b - rows["zero3"].memory_b == pytest.approx(937_500_000)
+    # ZeRO-3's transients are DeepSpeed's default buffers (a 5e7-parameter prefetch bucket,
+    # two 5e8-element reduce buckets, 2-byte); FSDP2 holds the gathered blocks above instead
+    assert rows["zero3"].temp_b == pytest.approx(2 * 5e7 + 2 * 2 * 5e8)
+    assert rows["fsdp"].memory_b - _states(rows["fsdp"]) - rows["fsdp"].act_b == pytest.approx(937_500_000)
     # fp32: 4 + 4 + 4 B per block parameter
     fp32 = _rows(work=FP32)
-    assert fp32["fsdp"].memory_b - fp32["zero3"].memory_b == pytest.approx(12 * BLOCK)
+    assert fp32["fsdp"].memory_b - _states(fp32["fsdp"]) - fp32["fsdp"].act_b == pytest.approx(12 * BLOCK)
 
 
 def test_root_parameters_stay_gathered_with_their_gradients():
@@ -54,7 +57,8 @@ def test_hsdp_shards_within_a_group_of_dp_shard():
     rows = _rows(layouts=[sharded.Layout(shard=32, replicate=2)])
     hsdp = rows["hsdp 2x32"]
     assert _states(hsdp) == pytest.approx(16 * PSI / 32)  # 3.75 GB
-    assert hsdp.temp_b == pytest.approx(4 * PSI / 32 + 937_500_000)  # Adam's temporary + gathered
+    assert hsdp.temp_b == pytest.approx(937_500_000)  # gathered, next to the activations
+    assert hsdp.step_temp_b == pytest.approx(4 * PSI / 32)  # Adam's temporary, at the update
     assert hsdp.samples_per_step == 64
     # all-gathers (2 + 2 B) and a reduce-scatter (4 B) over 32, then the fp32 1/32 shard all-reduced over 2
     volume = 31 / 32 * 8 * PSI + 2 * 1 / 2 * 4 * PSI / 32
@@ -68,7 +72,7 @@ def test_fsdp_x_tp_shards_what_each_tp_rank_holds():
     assert local == 3_756_000_000
     assert _states(two_d) == pytest.approx(16 * local / 32)  # 1.878 GB
     block = BLOCK - BLOCK_LINEAR / 2  # 58,687,500
-    assert two_d.temp_b == pytest.approx(4 * local / 32 + 8 * block)
+    assert two_d.temp_b == pytest.approx(8 * block) and two_d.step_temp_b == pytest.approx(4 * local / 32)
     assert two_d.act_b == pytest.approx(1e8 * (0.5 + 0.5 / 2))
     fsdp = 31 / 32 * 8 * local / 50e9
     tp = 4 * 64 * 2 * 1 / 2 * (2048 * 4096 * 2) / 50e9  # 4 bf16 all-reduces per block over 2 ranks
@@ -83,7 +87,8 @@ def test_pp_x_fsdp_x_tp_keeps_the_stage_gathered_over_micro_batches():
     assert three_d.optim_b == pytest.approx(8 * stage / 16)
     # torch's pipelining defers the reduce-scatter to the last micro-batch: a full fp32 gradient
     assert three_d.grads_b == pytest.approx(4 * stage / 16 + 4 * stage)
-    assert three_d.temp_b == pytest.approx(4 * stage / 16 + 2 * stage)  # Adam temporary + bf16 stage
+    assert three_d.temp_b == pytest.approx(2 * stage)  # the bf16 stage, gathered
+    assert three_d.step_temp_b == pytest.approx(4 * stage / 16)  # Adam's temporary
     assert three_d.bubble == pytest.approx(1 / 9)
     assert three_d.act_b == pytest.approx(1e8 * 0.75 / 2)
     assert three_d.samples_per_step == 16
@@ -99,7 +104,7 @@ def test_communication_against_ddp():
     kept = _rows(layouts=[sharded.Layout(shard=64, reshard=False)])["fsdp"]
     assert kept.comm_s == pytest.approx(63 / 64 * 6 * PSI / 50e9)  # one all-gather less
     # and its parameters stay gathered from forward to backward: all of them, in bf16
-    assert kept.temp_b == pytest.approx(4 * PSI / 64 + 2 * PSI + 4 * BLOCK)
+    assert kept.temp_b == pytest.approx(2 * PSI + 4 * BLOCK)
 
 
 def test_latency_counts_one_collective_per_unit():
@@ -177,7 +182,7 @@ def test_plan_lists_the_sharded_rows_at_4_ranks(capsys):
 def test_plan_lists_the_3d_row_at_8_ranks_in_the_run_precision(capsys):
     rows = _plan(capsys, 8, "trainer.precision=bf16", "optim=adamw")
     for name in ("fsdp", "hsdp 2x4", "fsdp x tp 4x2", "pp x fsdp x tp 2x2x2 m=8"):
-        assert rows[name][12] == "yes", rows[name]
+        assert rows[name][16] == "yes", rows[name]
     # Adam, bf16: (4 + 4 + 8) B / 8 shards; gathered 2 x 2 + 4 B per largest-unit parameter
     assert rows["fsdp"][:6] == ["18.7", "KB", "18.7", "KB", "37.4", "KB"]
-    assert rows["fsdp"][8:10] == ["151", "KB"]  # 8 x 16,512 + Adam's 4 x 37,377 / 8 temporary
+    assert rows["fsdp"][8:12] == ["132", "KB", "18.7", "KB"]  # 8 x 16,512; Adam's 4 x 37,377 / 8 temporary
