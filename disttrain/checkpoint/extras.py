@@ -23,9 +23,20 @@ def save(extra: dict[str, Any], path: Path) -> None:
     torch.save(extra, path)
 
 
+def _numpy_arrays() -> list:
+    """The three globals a pickled numpy array needs (data, no code): checkpoints written before
+    the RNG state was stored as a tensor hold numpy's state as an array."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    # the dtype's own class too (numpy >= 1.25 builds dtype instances through it)
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
 def load(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_arrays()):
+            return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsafeCheckpoint(f"{path} holds more than tensors and plain values ({first}); it was not "

@@ -122,3 +122,12 @@ def test_the_cli_refuses_another_model_before_any_worker_starts(tmp_path):
     origin.refuse_other_model(_cfg(model={"depth": 5}, checkpoint={"resume": "never"}), tmp_path / "run")
     with pytest.raises(ConfigError, match=r"model.depth=3 there, 5 here"):
         origin.refuse_other_model(_cfg(model={"depth": 5}), tmp_path / "run")
+
+
+def test_extras_written_before_the_tensor_rng_state_still_load(tmp_path):
+    """Older checkpoints hold numpy's RNG state as a numpy array: plain data, allowed by name."""
+    import numpy as np
+
+    torch.save({"step": 2, "rng": {"numpy": np.random.get_state()}}, tmp_path / "old.pt")
+    loaded = extras.load(tmp_path / "old.pt")
+    assert loaded["step"] == 2 and loaded["rng"]["numpy"][1].dtype == np.uint32
