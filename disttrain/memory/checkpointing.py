@@ -32,9 +32,25 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
         blocks = getattr(model, name, None)
         if isinstance(blocks, nn.ModuleList):
             return list(blocks)
-    raise ValueError(f"memory.activation_checkpointing needs a model with a list of blocks: an nn.Sequential "
-                     f"or an nn.ModuleList attribute named one of {BLOCK_LIST_NAMES}; "
-                     f"{type(model).__name__} has neither (set memory.activation_checkpointing=none).")
+    nested = _repeated_block_list(model)
+    if nested is not None:
+        return nested
+    raise ValueError(f"memory.activation_checkpointing needs a model with a list of blocks: an nn.Sequential, "
+                     f"an nn.ModuleList attribute named one of {BLOCK_LIST_NAMES}, or a nested ModuleList of "
+                     f"repeated blocks; {type(model).__name__} has none (set memory.activation_checkpointing=none).")
+
+
+def _repeated_block_list(model: nn.Module) -> list[nn.Module] | None:
+    """The largest nested ModuleList whose children are >= 2 blocks of one class (a transformers
+    model's ``model.layers`` or ``bert.encoder.layer``), by parameter count; None if there is none."""
+    best, best_size = None, 0
+    for module in model.modules():
+        children = list(module.children()) if isinstance(module, nn.ModuleList) else []
+        if len(children) >= 2 and len({type(child) for child in children}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = children, size
+    return best
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):

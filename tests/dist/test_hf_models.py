@@ -47,6 +47,7 @@ CASES = {
         # the whole model per rank (tensor inputs, as the loader gives them)
         "llama_ddp": ("llama", ["strategy=ddp"], False),
         "llama_fsdp": ("llama", ["strategy=fsdp"], False),
+        "llama_ddp_ac": ("llama", ["strategy=ddp", "memory.activation_checkpointing=full"], False),
         "bert_gpipe": ("bert", [*PIPE, "strategy.schedule=gpipe"], True),
         "bert_1f1b": ("bert", [*PIPE, "strategy.schedule=1f1b", "memory.activation_checkpointing=full"], True),
         "bert_tp": ("bert", [*TP, "strategy.tp_plan={bert.encoder.layer.*.attention.self.query:colwise,"
@@ -135,7 +136,7 @@ def _case(case, spec, world_size, tmp, world, device) -> dict:
     from disttrain.engine.preflight import validate
 
     family, overrides, masked = spec
-    dp = 2 if "dist.dp=2" in overrides or case.endswith(("_ddp", "_fsdp")) else 1
+    dp = 2 if "dist.dp=2" in overrides or "strategy=ddp" in overrides or "strategy=fsdp" in overrides else 1
     cfg = compose(family, f"data.batch_size={BATCH}", *overrides)
     validate(cfg, world_size)
     steps = batches(dp, masked)
@@ -248,7 +249,7 @@ def test_loss_and_every_gradient_equal_the_unsplit_model(request, size, case):
     rows = _results(request, size)
     losses = [row[case]["loss"] for row in rows if row[case]["loss"] is not None]
     # one report per data-parallel replica (its shard's mean): their mean is the global batch's
-    assert len(losses) == (2 if case.endswith(("dp_pp", "_ddp", "_fsdp")) else 1), losses
+    assert len(losses) == (2 if "dp_pp" in case or "_ddp" in case or "_fsdp" in case else 1), losses
     assert sum(losses) / len(losses) == pytest.approx(rows[0][case]["ref_loss"], abs=TOL), losses
     held = set()
     for row in rows:
@@ -284,6 +285,12 @@ def test_activation_checkpointing_recomputes_every_block_of_a_cut_stage(two):
     (2 of BERT's 4 layers per stage), and the case above still equals the unsplit model."""
     assert [row["bert_1f1b"]["checkpointed"] for row in two] == [2, 2]
     assert [row["bert_gpipe"]["checkpointed"] for row in two] == [0, 0]
+
+
+def test_activation_checkpointing_finds_the_nested_layers_of_a_whole_model(two):
+    """Under ddp the whole Llama is on each rank; full checkpointing finds its nested
+    ``model.layers`` (4 decoder layers) and the case still equals the unsplit model."""
+    assert [row["llama_ddp_ac"]["checkpointed"] for row in two] == [4, 4]
 
 
 def test_clipping_counts_the_tied_weight_once_across_stages(two):
