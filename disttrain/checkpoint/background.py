@@ -10,7 +10,6 @@ leaves the ``.tmp-`` directory, never renamed, and the previous checkpoint stays
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -35,14 +34,11 @@ class BackgroundSaver:
                                                    use_async_staging=False, use_non_blocking_copy=cuda))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disttrain-ckpt")
         self.pending: Future | None = None
-        self.last_blocking_s = 0.0
 
     def submit(self, state: dict[str, Any], commit: Callable[[dict[str, Any], Any], None]) -> None:
-        start = time.perf_counter()
         staged = self.stager.stage(state)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.last_blocking_s = time.perf_counter() - start
         self.pending = self.executor.submit(commit, staged, self.group)
 
     def busy(self) -> bool:

@@ -46,8 +46,9 @@ def _check_async_save(cfg: DictConfig, strategy_cls) -> None:
     from disttrain.strategies.base import SelfStepping
 
     if OmegaConf.select(cfg, "checkpoint.async_save", default=False) and issubclass(strategy_cls, SelfStepping):
-        raise ConfigError(f"checkpoint.async_save=true is not available with {strategy_cls.__name__}, which "
-                          "writes its own checkpoints: set checkpoint.async_save=false.")
+        name = str(cfg.strategy._target_).rsplit(".", 2)[-2]
+        raise ConfigError(f"checkpoint.async_save=true is not available with strategy={name}, which writes its "
+                          "own checkpoints: set checkpoint.async_save=false (or another strategy).")
 
 
 def _check_capabilities(cfg: DictConfig, strategy_cls) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +110,13 @@ def _loop_rank(cfg: DictConfig, world: env.World, device, run_dir: Path, strateg
 
     def save(step: int) -> None:
         extra = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
+        start = time.perf_counter()  # the loop's whole wait: the previous save's commit included
         path = checkpointer.save(step, engine.state_dict(), extra, native=engine.native_checkpoint())
         if background is None:
             log.info("checkpoint saved: %s", path)
         else:
             log.info("checkpoint staged: %s (the loop blocked %.3f s; written and committed in the background)",
-                     path, background.last_blocking_s)
+                     path, time.perf_counter() - start)
 
     meter = Meter(device)
     tensorboard = TensorBoard(run_dir, enabled=world.rank == 0)

@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.pipelining import PipelineStage
 
 from disttrain import memory
@@ -55,7 +54,6 @@ from disttrain.strategies.capabilities import Capabilities
 from disttrain.strategies.fsdp import shard_model
 from disttrain.strategies.tp_report import ReportsOncePerTPGroup
 
-_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 SCHEDULES = schedules.SCHEDULES
 DATA_PARALLEL = ("replicate", "shard")
 
@@ -310,12 +308,6 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
 
     def stage_clock(self) -> StageClock:
         return self.clock
-
-    # Stages hold different parameters under the same optimizer keys ("param_groups.0"):
-    # checkpoint writers deduplicate equal keys across ranks, so the optimizer state is
-    # flattened to per-parameter keys ("param_groups.<fqn>.lr"), unique to the owning stage.
-    def state_dict_options(self):
-        return _FLAT
 
     @classmethod
     def data_parallel_degree(cls, cfg: DictConfig, world_size: int) -> int:

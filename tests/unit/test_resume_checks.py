@@ -131,3 +131,15 @@ def test_extras_written_before_the_tensor_rng_state_still_load(tmp_path):
     torch.save({"step": 2, "rng": {"numpy": np.random.get_state()}}, tmp_path / "old.pt")
     loaded = extras.load(tmp_path / "old.pt")
     assert loaded["step"] == 2 and loaded["rng"]["numpy"][1].dtype == np.uint32
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed.DeepSpeed", "param_server.ParamServer"])
+def test_async_save_is_refused_where_the_engine_writes_its_own_checkpoints(strategy):
+    from disttrain.config.validate import import_target
+    from disttrain.engine.preflight import _check_async_save
+
+    cfg = _cfg(strategy={"_target_": f"disttrain.strategies.{strategy}"}, checkpoint={"async_save": True})
+    name = strategy.split(".")[0]
+    with pytest.raises(ConfigError, match=f"checkpoint.async_save=true is not available with strategy={name}"):
+        _check_async_save(cfg, import_target(cfg.strategy._target_, "strategy"))
+    _check_async_save(_cfg(checkpoint={"async_save": True}), import_target("disttrain.strategies.ddp.DDP", "s"))
