@@ -87,7 +87,10 @@ def with_debug_delay(dataset: Dataset, cfg: DictConfig) -> Dataset:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """A batch (a tensor or a tuple/list of them) on ``device``, copied asynchronously."""
+    """A batch (a tensor or a tuple/list of them) on ``device``, copied asynchronously;
+    None (a rank that reads no data) stays None."""
+    if batch is None:
+        return None
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     return type(batch)(to_device(item, device) for item in batch)

@@ -1,6 +1,7 @@
 """One rank's whole life: process group up, build, restore, train, save, tear down."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -123,7 +124,8 @@ def _loop_rank(cfg: DictConfig, world: env.World, device, run_dir: Path, strateg
     progress = Progress(cfg.trainer.max_steps, start, cfg.trainer.progress, enabled=world.rank == 0)
     settings = LoopSettings(cfg.trainer.max_steps, cfg.trainer.grad_accum_steps, cfg.trainer.log_every,
                             cfg.checkpoint.every_steps)
-    parts = LoopParts(engine=engine, batches=iter(loader), advance_data=sampler.advance,
+    batches = iter(loader) if strategy.reads_data() else itertools.repeat(None)
+    parts = LoopParts(engine=engine, batches=batches, advance_data=sampler.advance,
                       loss_fn=builders.build_loss(cfg), save=save, meter=meter, tensorboard=tensorboard,
                       progress=progress, device=device)
     precision = builders.train_settings(cfg).precision

@@ -89,7 +89,7 @@ class Observer(NullObserver):
         self.last_step = step
         if self.timeline is not None:
             self.timeline.end(step)
-        if self.count is not None:
+        if self.count is not None and micro[0] is not None:  # None: a rank that reads no data
             self.per_sample, self.count = self.count(micro[0]), None
         data_s = float(stats.extra.get("data_wait_s", 0.0))  # measured by the loop (disttrain.data.timing)
         self._add(wall, comm_s, pipe_idle, data_s, inflight, stats.samples, _tokens(micro))
@@ -153,7 +153,7 @@ def _fmt(table: list[dict[str, float]], key: str, scale: float) -> str:
 
 def _tokens(micro: list) -> int:
     """Tokens are the elements of integer inputs (token ids); other models have none."""
-    inputs = [b[0] for b in micro]
+    inputs = [b[0] for b in micro if b is not None]  # None: a rank that reads no data
     return sum(x.numel() for x in inputs if not torch.is_floating_point(x))
 
 

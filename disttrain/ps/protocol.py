@@ -93,26 +93,28 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
             tensor.copy_(chunk.view_as(tensor))
 
 
-def bind_flat(params: Sequence[torch.nn.Parameter]) -> torch.Tensor | None:
-    """Make CPU ``params`` views of one flat buffer holding their values, and return it:
-    a receive into it updates the parameters, a send of it sends them, with no copy (3.2 MB
-    per pull in bench/ps_straggler.py). None (nothing changed) for parameters off the CPU:
-    gloo sends CPU tensors, those go through a copy."""
+def bind_flat(params: Sequence[torch.nn.Parameter], out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Make CPU ``params`` views of one flat buffer holding their values (``out`` when given,
+    e.g. shared memory), and return it: a receive into it updates the parameters, a send of
+    it sends them, with no copy (3.2 MB per pull in bench/ps_straggler.py). None (nothing
+    changed) for parameters off the CPU: gloo sends CPU tensors, those go through a copy."""
     if not params or any(p.device.type != "cpu" for p in params):
         return None
     flat = flatten(params).to(params[0].dtype)
+    if out is not None:
+        flat = out.copy_(flat)
     with torch.no_grad():
         for param, chunk in zip(params, flat.split([p.numel() for p in params])):
             param.data = chunk.view_as(param)
     return flat
 
 
-def bind_grads(params: Sequence[torch.nn.Parameter]) -> torch.Tensor | None:
-    """Gradients as views of one zeroed flat buffer (backward accumulates into them in
-    place while they exist), or None for parameters off the CPU."""
+def bind_grads(params: Sequence[torch.nn.Parameter], out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Gradients as views of one zeroed flat buffer (``out`` when given; backward accumulates
+    into them in place while they exist), or None for parameters off the CPU."""
     if not params or any(p.device.type != "cpu" for p in params):
         return None
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype)
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype) if out is None else out.zero_()
     for param, chunk in zip(params, flat.split([p.numel() for p in params])):
         param.grad = chunk.view_as(param)
     return flat

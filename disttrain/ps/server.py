@@ -36,8 +36,12 @@ class ShardServer:
     """Owns ``params`` (its shard) and the optimizer over them; see the module docstring."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                 group: Any, settings: ServerSettings, stats: ServerStats):
+                 group: Any, settings: ServerSettings, stats: ServerStats,
+                 shared: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """``shared``: worker -> its (parameter, gradient) buffers in shared memory (same host,
+        ``disttrain.ps.shm``): its pushes carry no payload, its pulls are written there."""
         self.params, self.optimizer, self.group = list(params), optimizer, group
+        self.shared = shared or {}
         self.settings, self.stats = settings, stats
         self.numel = sum(p.numel() for p in self.params)
         self.dtype = self.params[0].dtype if self.params else torch.float32
@@ -81,7 +85,12 @@ class ShardServer:
                 dist.recv(buf, src=src, group=self.group, tag=protocol.TAG_HEADER)
                 header = protocol.Header.unpack(buf)
                 grad = None
-                if header.kind == protocol.PUSH:
+                if header.kind == protocol.PUSH and worker in self.shared:
+                    # read in place by the serving thread: the worker reuses the buffer only
+                    # after its next reply, and every path below either consumes the gradient
+                    # before that reply can be sent or copies it (a push deferred by a cut)
+                    grad = self.shared[worker][1]
+                elif header.kind == protocol.PUSH:
                     grad = torch.empty(self.numel, dtype=self.dtype)
                     dist.recv(grad, src=src, group=self.group, tag=protocol.TAG_GRAD)
                 self.events.put((worker, header, grad))
@@ -175,7 +184,8 @@ class ShardServer:
             if self.stopping:
                 pass  # computed after the last step: never applied
             elif self.cut is not None and self._counted(worker) >= self.cut[worker]:
-                self.deferred.append((worker, header, payload))
+                # its pull may be answered before the cut is released: keep a copy
+                self.deferred.append((worker, header, payload.clone() if worker in self.shared else payload))
             elif self.hold.wants(worker, self.gate.synchronous):
                 self.hold.hold(worker, header, payload)
             else:
@@ -215,8 +225,8 @@ class ShardServer:
             # num_workers gradients, from whichever workers, make one step of their mean
             # (disttrain.ps.update). Clipping applies to each worker's whole gradient, by the
             # norm it measured.
-            grad.mul_(_clip_coef(self.settings.grad_clip, header.grad_norm))
-            self.pending.add(worker, header, grad)
+            weight = 1.0 / (1 + staleness) if self.settings.staleness_lr == "inverse" else 1.0
+            self.pending.add(worker, header, grad, weight * _clip_coef(self.settings.grad_clip, header.grad_norm))
             self.rounds.pushed(worker, time.monotonic())
             self._close_if_ready()
 
@@ -232,10 +242,10 @@ class ShardServer:
     def _apply_pending(self) -> None:
         """The formed step; a gradient's staleness is counted now (the version cannot move
         while it waits: only this step moves it)."""
-        # the mean of the step's gradients (a larger batch at the run's lr: scaling the lr with
-        # the step's size, tried, blew the loss up early); a partial step at a checkpoint cut
-        # (align) is scaled as a full one
-        total, parts = self.pending.take(max(len(self.pending), self.settings.num_workers))
+        # sum / num_workers: every gradient moves the weights by lr / num_workers, as each of
+        # a DDP step's does (lr per sample unchanged), so a step holding a fast worker's extra
+        # gradients is a larger step, and a partial one at a checkpoint cut (align) a smaller
+        total, parts = self.pending.take(self.settings.num_workers)
         version = self.stats.version
         self.pull_deadlines.clear()
         self.wake = None
@@ -264,15 +274,11 @@ class ShardServer:
         staleness = [value for _, value, _ in applied]
         for param, chunk in zip(self.params, grad.split([p.numel() for p in self.params])):
             param.grad = chunk.view_as(param).to(param.device)
-        factor = 1.0 / (1 + max(staleness)) if self.settings.staleness_lr == "inverse" else 1.0
+        # (staleness_lr=inverse weighs each gradient by 1 / (1 + its staleness) as it joins
+        # the step, _on_push; a round of s=0 is never stale)
         if self.flat is not None:  # sends of the weights read the storage the optimizer writes
             self._prune_sends(weights=True)
-        saved = [group["lr"] for group in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
         self.optimizer.step()
-        for group, lr in zip(self.optimizer.param_groups, saved):
-            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.record_update(staleness, self.settings.max_staleness, [w for w, _, _ in applied],
                                  [h.loss for _, _, h in applied])
@@ -343,8 +349,10 @@ class ShardServer:
         dst = self.rank_of(worker)
         buffers = [reply]
         try:
+            if payload and worker in self.shared:  # written before the reply that announces it
+                self.shared[worker][0].copy_(self._flat_params())
             works = [dist.isend(reply, dst=dst, group=self.group, tag=protocol.TAG_VERSION)]
-            if payload:
+            if payload and worker not in self.shared:
                 buffers.append(self._flat_params())
                 works.append(dist.isend(buffers[-1], dst=dst, group=self.group, tag=protocol.TAG_PARAMS))
         except Exception as exc:
@@ -363,11 +371,14 @@ class ShardServer:
         return self.snapshot[1]
 
     def _prune_sends(self, weights: bool = False) -> None:
-        """Collect finished sends (each exactly once: a gloo send waited twice blocks);
-        ``weights``: first wait for every send of the weights."""
+        """Collect sends (each exactly once: a gloo send waited twice blocks): replies alone at
+        once (32 bytes: done when written to the socket), sends of the weights when they are
+        done or, with ``weights``, waiting for them. Gloo's ``is_completed`` stays False until
+        ``wait``, so a reply left to it was never collected: the list grew by one entry per
+        reply and every event walked it (pushes/s fell from 55 to 34 over 1500 steps)."""
         pending = []
         for works, buffers, worker in self.sends:
-            if (weights and len(buffers) > 1) or all(w.is_completed() for w in works):
+            if len(buffers) == 1 or weights or all(w.is_completed() for w in works):
                 self._wait(works, worker)
             else:
                 pending.append((works, buffers, worker))

@@ -28,6 +28,10 @@ def check(strategy: Any, world_size: int) -> None:
     if mode not in STALENESS_LR:
         raise ValueError(f"strategy.staleness_lr={mode!r} must be one of {', '.join(STALENESS_LR)} "
                          f"(inverse: lr / (1 + staleness)).")
+    shared = strategy.get("shared_memory", True)
+    if not isinstance(shared, bool):
+        raise ValueError(f"strategy.shared_memory={shared!r} must be true (workers and servers on one host "
+                         f"exchange through /dev/shm) or false (always over the process group).")
     delay = strategy.get("debug_delay_s", 0.0)
     if not isinstance(delay, (int, float)) or delay < 0:
         raise ValueError(f"strategy.debug_delay_s={delay!r} must be a number of seconds >= 0.")

@@ -9,7 +9,9 @@ are views of the buffer that receives them and the gradients views of the buffer
 (CPU), so a pull or push copies nothing. A server sends the parameters only when
 they changed since this worker's last pull; otherwise the posted receive waits for the next
 reply that carries them (each server's parameter messages arrive in order, one per
-"payload" reply).
+"payload" reply). With a server on the same host the two buffers are shared memory
+(``disttrain.ps.shm``): a push sends only its header and the server writes the parameters
+straight into the buffer the model's parameters are views of.
 """
 from __future__ import annotations
 
@@ -33,24 +35,29 @@ class _Link:
     bound: bool = False  # params are views of ``flat``: a receive is the update, no copy
     grads: torch.Tensor | None = None  # the gradients' flat buffer (views), when bound
     pulled_version: int = -1
+    shared: bool = False  # buffers in shared memory with this server: no payload on the wire
     flat_recv: Any = None  # the posted receive of the parameters (kept across "no payload" replies)
 
 
 class WorkerClient:
     """Pull/push against every server; ``links`` pairs server ranks with their shards."""
 
-    def __init__(self, shards: Sequence[tuple[int, list[torch.nn.Parameter]]], group: Any):
+    def __init__(self, shards: Sequence[tuple[int, list[torch.nn.Parameter]]], group: Any,
+                 shared: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """``shared``: server rank -> (parameter, gradient) buffers in shared memory."""
         self.group = group
         self.closed = False
         self.peers_lost = False  # a server said some worker died (the teardown must not wait for it)
         self.links = []
+        shared = shared or {}
         for rank, params in shards:
-            flat = protocol.bind_flat(params)
+            out_params, out_grads = shared.get(rank, (None, None))
+            flat = protocol.bind_flat(params, out=out_params)
             bound = flat is not None
             if not bound:
                 flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype)
             self.links.append(_Link(rank, params, torch.zeros(protocol.REPLY_LEN, dtype=torch.int64), flat,
-                                    bound, protocol.bind_grads(params)))
+                                    bound, protocol.bind_grads(params, out=out_grads), shared=rank in shared))
         self.clock = 0
         self.receives: list[Any] = []
         self.sends: list[tuple[Any, list[torch.Tensor]]] = []
@@ -71,7 +78,7 @@ class WorkerClient:
         self.receives = []
         replies = [protocol.Reply.unpack(link.version) for link in self.links]
         for link, reply in zip(self.links, replies):
-            if reply.payload:
+            if reply.payload and not link.shared:
                 link.flat_recv.wait()
                 link.flat_recv = None
         if any(reply.status != protocol.GO for reply in replies):
@@ -90,7 +97,10 @@ class WorkerClient:
         for link in self.links:
             header = protocol.Header(protocol.PUSH, self.clock, link.pulled_version, loss, grad_norm, samples,
                                      int(stop))
-            self._send(link, header, link.grads if link.grads is not None else protocol.flat_grads(link.params))
+            if link.shared:  # the server copies the gradient out of shared memory
+                self._send(link, header)
+            else:
+                self._send(link, header, link.grads if link.grads is not None else protocol.flat_grads(link.params))
 
     def zero_grads(self) -> None:
         """Before a backward: zero the flat gradient buffers in place (once the last push of
@@ -118,7 +128,7 @@ class WorkerClient:
     def _post_receives(self) -> None:
         for link in self.links:
             self.receives.append(dist.irecv(link.version, src=link.rank, group=self.group, tag=protocol.TAG_VERSION))
-            if link.flat_recv is None:
+            if link.flat_recv is None and not link.shared:
                 link.flat_recv = dist.irecv(link.flat, src=link.rank, group=self.group, tag=protocol.TAG_PARAMS)
 
     def _send(self, link: _Link, header: protocol.Header, payload: torch.Tensor | None = None) -> None:

@@ -52,6 +52,9 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"fault.debug.{sorted(unknown)[0]} is not a debug setting; known: {sorted(DEBUG_KEYS)}.")
 
 
+_END = object()  # the end of the batches
+
+
 class SignalStop(RuntimeError):
     """A stop signal ended an earlier job of this process: later sweep jobs must not start."""
 
@@ -105,8 +108,8 @@ class Guard:
         while True:
             self.heartbeat.enter("data loader")
             self._maybe_stall()
-            batch = next(batches, None)
-            if batch is None:
+            batch = next(batches, _END)
+            if batch is _END:  # (None is a batch: a rank that reads no data gets None)
                 return
             self.heartbeat.enter("train_step (forward/backward/collectives)")
             yield batch

@@ -160,6 +160,11 @@ class Strategy(abc.ABC):
         stop polls) on this rank; None = every rank of the job."""
         return None
 
+    def reads_data(self) -> bool:
+        """False on a rank whose steps use no batches (a parameter server): the loop then
+        hands it None instead of loading batches on its critical path."""
+        return True
+
     def runs_free(self) -> bool:
         """True on a rank that does not run the loop but ``work`` (no collectives at all)."""
         return False

@@ -69,12 +69,13 @@ class ParamServer(SelfStepping):
 
     def __init__(self, num_servers: int = 1, max_staleness: int | None = 4, staleness_lr: str = "none",
                  debug_slow_workers: Any = (), debug_delay_s: float = 0.0, comm_timeout_s: float = 86400.0,
-                 debug_hold_slow_pushes: bool = False):
+                 debug_hold_slow_pushes: bool = False, shared_memory: bool = True):
         self.num_servers, self.max_staleness = int(num_servers), max_staleness
         self.staleness_lr = str(staleness_lr)
         self.debug_slow_workers = {int(w) for w in (debug_slow_workers or ())}
         self.debug_delay_s, self.comm_timeout_s = float(debug_delay_s), float(comm_timeout_s)
         self.debug_hold = bool(debug_hold_slow_pushes)
+        self.shared_memory = bool(shared_memory)
         self.server: ShardServer | None = None
         self.client: WorkerClient | None = None
 
@@ -103,8 +104,8 @@ class ParamServer(SelfStepping):
         return None  # workers step on their own: no step has a job-wide global batch
 
     def data_shard(self) -> tuple[int, int]:
-        """Workers split the data among themselves; servers read none of it (the loop
-        still fetches a batch per step on them, which they ignore)."""
+        """Workers split the data among themselves; servers read none of it (``reads_data``;
+        their sampler only keeps the loop's data position)."""
         if self.is_server:
             return 0, 1
         return self.world.rank - self.num_servers, self.num_workers
@@ -112,6 +113,9 @@ class ParamServer(SelfStepping):
     def loop_group(self):
         """The servers run the loop among themselves (its collectives stay off the workers)."""
         return self.servers_loop_group if self.is_server else None
+
+    def reads_data(self) -> bool:
+        return not self.is_server
 
     def runs_free(self) -> bool:
         return not self.is_server
@@ -152,11 +156,44 @@ class ParamServer(SelfStepping):
         # The servers' own group: the loop's collectives, s=0 clipping, checkpoint cuts.
         self.servers_loop_group = dist.new_group(list(range(self.num_servers)), backend="gloo")
         self.servers_group = self.servers_loop_group if self.num_servers > 1 else None
+        shared = self._map_shared(params, plan, ctx.device)
         if self.is_server:
             self.owned = [names[i] for i in plan[self.world.rank]]
-            self._setup_server(ctx, [params[i] for i in plan[self.world.rank]])
+            self._setup_server(ctx, [params[i] for i in plan[self.world.rank]], shared)
         else:
-            self.client = WorkerClient([(s, [params[i] for i in plan[s]]) for s in range(self.num_servers)], self.group)
+            self.client = WorkerClient([(s, [params[i] for i in plan[s]]) for s in range(self.num_servers)],
+                                       self.group, shared)
+
+    def _map_shared(self, params: list[torch.nn.Parameter], plan: list[list[int]],
+                    device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Shared-memory buffers with the peers on this host (disttrain.ps.shm), keyed by the
+        peer: server rank on a worker, worker index on a server. Collective (every rank)."""
+        from disttrain.ps import shm
+
+        rank = self.world.rank
+        token, pairs = shm.shared_pairs(self.group, rank, self.num_servers,
+                                        self.shared_memory and device.type == "cpu")
+        mine = sorted((s, w) for s, w in pairs if rank in (s, w))
+        shared = {}
+        if not self.is_server:  # workers create the files, servers map them after the barrier
+            for server, _ in mine:
+                numel = sum(params[i].numel() for i in plan[server])
+                shared[server] = shm.open_buffers(token, server, rank, numel, params[0].dtype, create=True)
+        dist.barrier(group=self.group)
+        if self.is_server:
+            numel = sum(params[i].numel() for i in plan[rank])
+            for _, worker in mine:
+                shared[worker - self.num_servers] = shm.open_buffers(token, rank, worker, numel, params[0].dtype,
+                                                                     create=False)
+        dist.barrier(group=self.group)
+        for server, worker in mine:
+            if worker == rank:
+                shm.unlink(token, server, worker)
+        if pairs and rank == 0:
+            log.info("ps: %d of %d worker/server pairs exchange through shared memory (same host; "
+                     "%s/disttrain-ps-%s-*, unlinked once mapped)", len(pairs), self.num_servers * self.num_workers,
+                     shm.SHM_DIR, token)
+        return shared
 
     def _check_plan(self, params: list[torch.nn.Parameter], plan: list[list[int]]) -> None:
         if len({p.dtype for p in params}) > 1:
@@ -166,7 +203,8 @@ class ParamServer(SelfStepping):
             raise ValueError(f"strategy.num_servers={self.num_servers} exceeds the model's {len(params)} "
                              "parameter tensors (a server would hold nothing): lower strategy.num_servers.")
 
-    def _setup_server(self, ctx: SetupContext, shard: list[torch.nn.Parameter]) -> None:
+    def _setup_server(self, ctx: SetupContext, shard: list[torch.nn.Parameter],
+                      shared: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         for name, param in self.model.named_parameters():
             if name not in self.owned:
                 param.requires_grad_(False)  # not ours: never stepped, never saved here
@@ -178,7 +216,7 @@ class ParamServer(SelfStepping):
         held = frozenset(self.debug_slow_workers) if self.debug_hold else frozenset()
         settings = ServerSettings(self.max_staleness, self.staleness_lr, self.num_servers, self.num_workers,
                                   hold_workers=held, grad_clip=self.grad_clip, servers_group=self.servers_group)
-        self.server = ShardServer(shard, self.optimizer, self.group, settings, self.stats)
+        self.server = ShardServer(shard, self.optimizer, self.group, settings, self.stats, shared)
         log.info("ps server %d: %d tensors, %d parameters; %d workers; max_staleness=%s staleness_lr=%s",
                  self.world.rank, len(shard), sum(p.numel() for p in shard), self.num_workers,
                  self.max_staleness, self.staleness_lr)

@@ -84,6 +84,20 @@ def test_staleness_zero_equals_synchronous_sgd(sync_run):
     assert int(count["staleness_max"]) == 0 and int(count["staleness_hist"][0]) == 24
 
 
+def test_tcp_path_equals_the_shared_memory_path(sync_run, tmp_path):
+    """Workers and server on one host exchange through /dev/shm by default (disttrain.ps.shm);
+    strategy.shared_memory=false sends the same bytes over gloo: bitwise the same run. The
+    shared files are gone once both sides mapped them."""
+    logs = _logs(sync_run)
+    token = re.search(r"exchange through shared memory \(same host; \S+/disttrain-ps-(\w+)-\*", logs)
+    assert token and "2 of 2 worker/server pairs" in logs, logs[-2000:]
+    assert not list(Path("/dev/shm").glob(f"disttrain-ps-{token.group(1)}-*"))
+    run_disttrain(SYNC + ["strategy.shared_memory=false"], tmp_path / "tcp", timeout=300)
+    assert "shared memory" not in _logs(tmp_path / "tcp")
+    got, want = load_model_state(tmp_path / "tcp"), load_model_state(sync_run)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_resume_from_checkpoint_equals_uninterrupted_run(sync_run, tmp_path):
     """Kill-and-resume of the whole job: a new job started on a run dir holding only the
     step-6 checkpoint ends bitwise equal to the uninterrupted run (s=0 is deterministic)."""

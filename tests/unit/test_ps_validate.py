@@ -21,6 +21,7 @@ def _compose(*overrides):
     (["strategy.max_staleness=-1"], 3, r"strategy\.max_staleness=-1 must be an integer >= 0"),
     (["strategy.max_staleness=1.5"], 3, r"strategy\.max_staleness"),
     (["strategy.staleness_lr=sqrt"], 3, r"strategy\.staleness_lr='sqrt' must be one of none, inverse"),
+    (["strategy.shared_memory=maybe"], 3, r"strategy\.shared_memory='maybe' must be true"),
     (["strategy.debug_slow_workers=[2]"], 3, r"strategy\.debug_slow_workers.*0 to 1"),
     (["strategy.debug_delay_s=-1"], 3, r"strategy\.debug_delay_s"),
     (["strategy.debug_hold_slow_pushes=true", "strategy.debug_slow_workers=[0]", "strategy.max_staleness=0"], 3,
