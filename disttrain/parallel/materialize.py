@@ -67,18 +67,30 @@ class ModelFactory:
 
     def materialize(self, module: nn.Module, device: torch.device | str) -> nn.Module:
         """Give ``module`` (a meta model, a stage cut from one, or a sharded one) real,
-        initialised storage on ``device``, in place; FQNs are those of the unsplit model."""
+        initialised storage on ``device``, in place; FQNs are those of the unsplit model.
+        Parameters tied in ``module`` (an embedding and the LM head) stay one Parameter."""
         device = torch.device(device)
         if not _has_meta(module):
             return module.to(device)
+        tied = _tied_groups(module)
         if not self.seeded():
-            tied = _tied_groups(module)
             return _retie(self._copy_from_real(module, device), tied)
+        held = _take_meta_nonpersistent(module)
         for fqn, sub in module.named_modules():
             values = _init_values(sub, fqn, self.seed)
             for name, value in values.items():
                 _assign(sub, name, value.to(device))
-        return module
+        self._put_back(held, device)
+        return _retie(module, tied)
+
+    def materialize_part(self, module: nn.Module, device: torch.device | str, in_place: bool = False) -> nn.Module:
+        """A pipeline stage or tensor-parallel part: ``materialize``, or ``materialize_in_place``
+        when FSDP2 sharded it. Initialised as the whole model is (``seeded`` is decided on
+        the whole model), so the parts put together equal the unsplit model."""
+        if in_place and not self.seeded() and _has_meta(module):
+            raise ValueError("strategy.data_parallel=shard cannot initialise a stage of a model whose modules "
+                             "lack reset_parameters() (transformers models): use strategy.data_parallel=replicate.")
+        return self.materialize_in_place(module, device) if in_place else self.materialize(module, device)
 
     def materialize_in_place(self, module: nn.Module, device: torch.device | str) -> nn.Module:
         """``materialize`` for a module sharded by FSDP2 on meta. FSDP2 keeps references to
@@ -89,6 +101,7 @@ class ModelFactory:
         if not _has_meta(module):
             return module
         source = None if self.seeded() else _real_state(self._real())
+        held = _take_meta_nonpersistent(module) if source is None else []
         module.to_empty(device=torch.device(device))
         for fqn, sub in module.named_modules():
             for name, value in _module_values(sub, fqn, self.seed, source).items():
@@ -102,7 +115,19 @@ class ModelFactory:
                                                   src_data_rank=None).to_local()
                         target = target.to_local()
                     target.copy_(value)
+        self._put_back(held, device)
         return module
+
+    def _put_back(self, held: list[tuple[str, nn.Module, str]], device: torch.device | str) -> None:
+        """Non-persistent buffers (rotary ``inv_freq``: no state dict holds them, and
+        ``reset_parameters`` need not set them) from one real build: ``__init__`` computes
+        them from the config, the same on every rank."""
+        if not held:
+            return
+        with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay untouched
+            real = dict(self._real().named_buffers(remove_duplicate=False))
+        for fqn, sub, name in held:
+            sub._buffers[name] = real[f"{fqn}.{name}" if fqn else name].to(device)
 
     def _real(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -119,6 +144,15 @@ class ModelFactory:
             for name, value in _module_values(sub, fqn, self.seed, source).items():
                 _assign(sub, name, value.detach().to(device=device, dtype=dtypes[name].dtype))
         return module
+
+
+def _take_meta_nonpersistent(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Remove the meta non-persistent buffers (put back by ``ModelFactory._put_back``)."""
+    held = [(fqn, sub, name) for fqn, sub in module.named_modules() for name in sorted(sub._non_persistent_buffers_set)
+            if sub._buffers.get(name) is not None and sub._buffers[name].is_meta]
+    for _, sub, name in held:
+        del sub._buffers[name]
+    return held
 
 
 def _real_state(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:

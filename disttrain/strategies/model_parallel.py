@@ -19,7 +19,7 @@ from torch import nn
 from disttrain.models.losses import select_output
 from disttrain.strategies import composed
 from disttrain.strategies.capabilities import Capabilities
-from disttrain.parallel import cut_pipeline, mesh as mesh_mod, split, stage_materialize, tensor
+from disttrain.parallel import cut_pipeline, mesh as mesh_mod, split, tensor
 from disttrain.parallel.materialize import factory_from_config
 from disttrain.strategies.base import Batch, LossFn, SetupContext, StepStats, Strategy, accumulate, samples_of
 from disttrain.strategies.tp_report import ReportsOncePerTPGroup
@@ -52,7 +52,7 @@ class TensorParallel(ReportsOncePerTPGroup, Strategy):
         self.dp_group, self.dp_rank = self.mesh.get_group("dp"), self.mesh.get_local_rank("dp")
         self.tp_rank = self.mesh.get_local_rank("tp")
         sharded = tensor.apply_tp(ctx.model.meta(), self.mesh["tp"], self.tp_plan)
-        self.model = ctx.apply_memory(stage_materialize.materialize(ctx.model, sharded, ctx.device))
+        self.model = ctx.apply_memory(ctx.model.materialize_part(sharded, ctx.device))
         self.output_key = cut_pipeline.select_key(ctx.cfg)
 
     @torch.no_grad()

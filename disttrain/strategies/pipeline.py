@@ -44,8 +44,7 @@ from disttrain import memory
 from disttrain.config.schema import section
 from disttrain.distributed import comm
 from disttrain.parallel import cut_pipeline, fqn_split, mesh as mesh_mod, split, stage_forward, tensor
-from disttrain.parallel import stage_materialize
-from disttrain.parallel.materialize import factory_from_config, scratch_copy, seeded_by_module
+from disttrain.parallel.materialize import factory_from_config, scratch_copy
 from disttrain.parallel.timing import StageClock, stage_report
 from disttrain.strategies import pipeline_schedules as schedules
 from disttrain.strategies import composed
@@ -180,11 +179,9 @@ class Pipeline(ReportsOncePerTPGroup, Strategy):
         self.counts = cut_pipeline.stage_counts(meta, plan, num_stages, self.balance, self.split_points)
         self.stage_ids = [self.pp_rank]
         start, stop = cut_pipeline.stage_bounds(self.counts, self.pp_rank)
-        whole_seeded = seeded_by_module(meta)
         stage = fqn_split.cut(meta, plan, start, stop)
         del meta
-        module = self._parallelize(ctx, stage, lambda m, in_place: stage_materialize.materialize(
-            ctx.model, m, ctx.device, in_place=in_place, whole_seeded=whole_seeded),
+        module = self._parallelize(ctx, stage, lambda m, in_place: ctx.model.materialize_part(m, ctx.device, in_place),
             apply_memory=lambda m: _cut_memory(m, plan, ctx))
         stage_forward.install(module, plan, self.pp_rank == 0, self.pp_rank == num_stages - 1,
                               cut_pipeline.select_key(ctx.cfg))

@@ -103,10 +103,8 @@ def reference(cfg, steps):
     from hydra.utils import instantiate
 
     from disttrain.engine import builders
-    from disttrain.parallel.stage_materialize import materialize
-
     factory = builders.model_factory(cfg)
-    model = materialize(factory, factory.meta(), "cpu")
+    model = factory.materialize(factory.meta(), "cpu")
     loss_fn = instantiate(cfg.loss)
     optimizer = builders.optimizer_builder(cfg)(model.parameters())
     loss0 = grads = None

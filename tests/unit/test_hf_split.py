@@ -17,8 +17,7 @@ pytest.importorskip("transformers")
 from disttrain.models.hf import build  # noqa: E402
 from disttrain.parallel import fqn_split, stage_forward, tensor  # noqa: E402
 from disttrain.parallel.fqn_split import CutError  # noqa: E402
-from disttrain.parallel.materialize import ModelFactory, seeded_by_module  # noqa: E402
-from disttrain.parallel.stage_materialize import materialize  # noqa: E402
+from disttrain.parallel.materialize import ModelFactory  # noqa: E402
 
 LLAMA = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=True)
@@ -37,8 +36,7 @@ def chained(f: ModelFactory, counts: list[int], inputs: dict) -> torch.Tensor:
     x, start = inputs["input_ids"], 0
     extras = {k: v for k, v in inputs.items() if k != "input_ids"}
     for s, count in enumerate(counts):
-        stage = materialize(f, fqn_split.cut(meta, plan, start, start + count), "cpu",
-                            whole_seeded=seeded_by_module(meta))
+        stage = f.materialize_part(fqn_split.cut(meta, plan, start, start + count), "cpu")
         stage_forward.install(stage, plan, s == 0, s == len(counts) - 1)
         x = stage(x, model_input=inputs["input_ids"], **extras)
         start += count
@@ -64,7 +62,7 @@ def test_stages_chained_by_hand_equal_the_unsplit_model_with_a_mask(arch, config
     mask = torch.ones(3, 8, dtype=torch.long)
     mask[1, -3:] = 0
     inputs = {"input_ids": torch.randint(0, 64, (3, 8), generator=g), "attention_mask": mask}
-    whole = materialize(f, f.meta(), "cpu")
+    whole = f.materialize(f.meta(), "cpu")
     expected = whole(**inputs).logits
     assert torch.allclose(chained(f, counts, inputs), expected, atol=1e-6)
     # without the mask on the later stages the answer is different (the mask really travels)
