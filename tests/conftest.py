@@ -35,8 +35,9 @@ def run_cli(tmp_path):
 #: collection order, so these start first and the many short unit tests fill the gaps at the
 #: end, instead of one long file running alone while the other worker has nothing left.
 LONGEST_FIRST = ("dist/test_feature_matrix.py", "dist/test_compile.py", "dist/test_param_server.py",
-                 "dist/test_meta_init_memory.py", "launch/test_slurm.py", "launch/test_sweeps.py",
-                 "fault/test_kill_resume.py", "dist/test_deepspeed.py", "dist/test_pipeline.py",
+                 "dist/test_meta_init_memory.py", "launch/test_slurm.py", "dist/test_hf_models.py",
+                 "launch/test_sweeps.py", "dist/test_deepspeed.py", "fault/test_kill_resume.py",
+                 "launch/test_elastic.py", "fault/test_preemption.py", "dist/test_pipeline.py",
                  "dist/test_fsdp_mesh.py", "dist/test_ddp_numerics.py", "launch/test_packaging.py",
                  "unit/test_memory.py", "dist/test_input_pipeline.py", "launch/test_cli_smoke.py",
                  "dist/test_model_parallel.py", "unit/test_no_leftover_processes.py", "unit/test_schema.py")
