@@ -40,10 +40,22 @@ def host_key() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def shared_pairs(group: Any, rank: int, num_servers: int, enabled: bool) -> tuple[str, set[tuple[int, int]]]:
+def room(needed_bytes: int) -> bool:
+    """Whether /dev/shm is writable and has ``needed_bytes`` free. tmpfs lets a file be sized
+    beyond its limit and kills the process with SIGBUS when a page past it is touched (a
+    container's default /dev/shm is 64 MB), so the space is checked before any file exists."""
+    if not (SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)):
+        return False
+    stats = os.statvfs(SHM_DIR)
+    return stats.f_bavail * stats.f_frsize >= needed_bytes
+
+
+def shared_pairs(group: Any, rank: int, num_servers: int, enabled: bool,
+                 needed_bytes: int = 0) -> tuple[str, set[tuple[int, int]]]:
     """A collective over ``group`` (every rank): the run's file token and the (server rank,
-    worker rank) pairs that may share memory. Empty when disabled or /dev/shm is missing."""
-    usable = enabled and SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+    worker rank) pairs that may share memory. Empty when disabled, or when /dev/shm is
+    missing or has less than ``needed_bytes`` free (the run then goes over TCP and says so)."""
+    usable = enabled and room(needed_bytes)
     mine = [host_key() if usable else None, uuid.uuid4().hex[:12]]
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)

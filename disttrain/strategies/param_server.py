@@ -171,8 +171,14 @@ class ParamServer(SelfStepping):
         from disttrain.ps import shm
 
         rank = self.world.rank
+        # at most every worker's two buffers of the whole model on this host
+        needed = 2 * self.num_workers * sum(p.numel() * p.element_size() for p in params)
         token, pairs = shm.shared_pairs(self.group, rank, self.num_servers,
-                                        self.shared_memory and device.type == "cpu")
+                                        self.shared_memory and device.type == "cpu", needed)
+        if self.shared_memory and device.type == "cpu" and not pairs and rank == 0:
+            log.info("ps: no shared memory between workers and servers (other hosts, or %s has less than "
+                     "%.0f MB free: docker run --shm-size or --ipc=host): they exchange over TCP",
+                     shm.SHM_DIR, needed / 2**20)
         mine = sorted((s, w) for s, w in pairs if rank in (s, w))
         shared = {}
         if not self.is_server:  # workers create the files, servers map them after the barrier

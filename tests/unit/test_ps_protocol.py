@@ -1,4 +1,5 @@
 """Parameter-server wire format and shard plan (no processes)."""
+import pytest
 import torch
 
 from disttrain.ps import protocol
@@ -48,3 +49,23 @@ def test_bound_parameters_and_gradients_are_views_of_one_buffer():
     grads = protocol.bind_grads(list(model.parameters()))
     model(torch.ones(4, 3)).sum().backward()
     assert grads.tolist() == [4.0] * 6 + [4.0, 4.0]  # d/dW = sum of inputs, d/db = batch size
+
+
+def test_shared_buffers_are_one_memory_and_vanish_when_unlinked(tmp_path, monkeypatch):
+    """disttrain.ps.shm: the worker's and the server's mappings are the same bytes, the files
+    are gone after unlink (the mappings stay valid), and a /dev/shm without room for the
+    buffers is not used (tmpfs would SIGBUS past its limit)."""
+    from disttrain.ps import shm
+
+    monkeypatch.setattr(shm, "SHM_DIR", tmp_path)
+    worker = shm.open_buffers("tok", 0, 1, 8, torch.float32, create=True)
+    server = shm.open_buffers("tok", 0, 1, 8, torch.float32, create=False)
+    worker[1].fill_(3.0)
+    assert torch.equal(server[1], torch.full((8,), 3.0))
+    shm.unlink("tok", 0, 1)
+    assert not list(tmp_path.iterdir())
+    server[0].fill_(2.0)
+    assert torch.equal(worker[0], torch.full((8,), 2.0))
+    with pytest.raises(RuntimeError, match="strategy.shared_memory=false"):
+        shm.open_buffers("tok", 0, 2, 8, torch.float32, create=False)
+    assert shm.room(1) and not shm.room(1 << 60)
