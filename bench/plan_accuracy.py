@@ -36,6 +36,9 @@ CONFIGS = {
     "gpt": ["experiment=gpt_text", "plan.micro_batches=4"],
 }
 
+#: short names for --strategies (the rows' own names have a space)
+ALIASES = {"tensor": "tensor parallel", "tp": "tensor parallel", "ps": "param_server"}
+
 
 def table(rows: list[dict]) -> str:
     head = ("model", "strategy", "ranks", "pred step ms", "meas step ms", "error", "pred mem MB",
@@ -68,9 +71,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--only", choices=sorted(CONFIGS))
-    parser.add_argument("--strategies", default="", help="comma list of rows (default: all that run here)")
+    parser.add_argument("--strategies", default="",
+                        help="comma list of rows (default: all that run here); tensor = tensor parallel")
     args = parser.parse_args()
-    only = [s for s in args.strategies.split(",") if s] or None
+    only = [ALIASES.get(s, s) for s in args.strategies.split(",") if s] or None
     rows, start = [], time.perf_counter()
     for name, overrides in CONFIGS.items():
         if args.only and name != args.only:

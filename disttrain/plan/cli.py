@@ -17,7 +17,8 @@ def format_table(preds: list[pm.Prediction], device_memory: float) -> str:
     head = ("strategy", "params", "grads", "optim", "activ", "temp", "step tmp", "base", "total/rank", "fits",
             "compute ms", "update ms", "comm ms", "loop ms", "bubble", "step ms", "samples/s", "note")
     rows = [head] + [(p.strategy, human(p.params_b), human(p.grads_b), human(p.optim_b), human(p.act_b), human(p.temp_b),
-                      human(p.step_temp_b), human(p.base_b), human(p.memory_b), "yes" if p.fits else "NO",
+                      human(p.step_temp_b), human(p.base_b + p.code_b), human(p.memory_b),
+                      "yes" if p.fits else "NO",
                       f"{p.compute_s * 1e3:.2f}", f"{p.update_s * 1e3:.2f}", f"{p.comm_s * 1e3:.2f}",
                       f"{p.overhead_s * 1e3:.2f}", f"{p.bubble:.2f}", f"{p.step_s * 1e3:.2f}",
                       f"{p.samples_per_s:.4g}", p.note) for p in preds]
@@ -25,7 +26,8 @@ def format_table(preds: list[pm.Prediction], device_memory: float) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines) + (f"\n(device memory per rank: {human(device_memory)}; total = params + grads + optim + "
-                                "max(activ + temp, step tmp) + base)")
+                                "max(activ + temp, step tmp) + base; base = the host's framework term + the "
+                                "model's kernel code)")
 
 
 def config_dir_overrides(argv: list[str]) -> list[str]:

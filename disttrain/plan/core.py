@@ -67,7 +67,7 @@ def machine_from(cfg: DictConfig, facts: pm.ModelFacts, nproc: int, threads: int
     measured ones come from ``nproc`` processes stepping at once (``plan.concurrent``), as
     the run will; the loop overhead and framework memory from a tiny run (``plan.host``)."""
     from disttrain.observe.peak import measure_peak
-    from disttrain.plan import concurrent, host
+    from disttrain.plan import concurrent, host, pages
 
     p, notes = cfg.plan, {}
     memory = parse_bytes(p.device_memory, "plan.device_memory") if p.device_memory else _local_memory(nproc)
@@ -109,8 +109,11 @@ def machine_from(cfg: DictConfig, facts: pm.ModelFacts, nproc: int, threads: int
     tiny_step, base, where = host.framework(nproc, threads)
     comm = tiny_comm(machine, nproc, m)["single (1 rank)" if nproc == 1 else "ddp"]
     machine.overhead_s, machine.base_b = max(tiny_step - comm, 0.0), base
+    # the tiny run's base counts its own kernels' code; this model's kernels page in more
+    machine.code_b, code_where = pages.extra_code_bytes(cfg, compose(host.TINY), threads)
     notes["host"] = (f"loop {machine.overhead_s * 1e3:.1f} ms/step, framework {human(base)}/rank (tiny "
-                     f"{'single' if nproc == 1 else 'ddp'} run, {where})")
+                     f"{'single' if nproc == 1 else 'ddp'} run, {where}) + {human(machine.code_b)} of the model's "
+                     f"kernel code ({code_where})")
     return machine, notes
 
 

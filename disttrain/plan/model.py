@@ -4,8 +4,9 @@ about the model and the machine. Pure functions, no torch: unit-testable formula
 Memory follows the ZeRO paper's accounting, with the bytes each engine really stores for
 ``trainer.precision`` (``state_bytes``): parameters, gradients, optimizer state (K = 8 for
 Adam's two moments, 4 for momentum SGD, 0 for plain SGD, plus DeepSpeed's fp32 master
-copy), activations saved for backward (per pipeline schedule), transients, and a fixed
-framework term measured once per host. Step time = compute (model FLOPs over peak x
+copy), activations saved for backward (per pipeline schedule), transients, a fixed
+framework term measured once per host, and (CPU) the code the model's own kernels page in
+beyond the calibration model's (``plan.pages``). Step time = compute (model FLOPs over peak x
 efficiency) + communication (per-collective latency + bytes / bandwidth, ring volumes) +
 the pipeline bubble (p-1)/(m+p-1) + the training loop's own per-step overhead. The FSDP /
 HSDP / 2-D / 3-D rows (``plan.sharded``) follow ``trainer.precision`` as FSDP2 stores it.
@@ -45,6 +46,7 @@ class Machine:
     links: dict = dataclasses.field(default_factory=dict)
     overhead_s: float = 0.0        # the training loop's own time per step (data, observer, hooks)
     base_b: float = 0.0            # framework memory per rank a run adds to its model's bytes
+    code_b: float = 0.0            # code the model's kernels page in beyond the calibration's (CPU: plan.pages)
 
     def link(self, op: str) -> tuple[float, float]:
         return self.links.get(op, (self.latency, self.bandwidth))
@@ -79,13 +81,15 @@ class Prediction:
     base_b: float = 0.0            # the host's framework term (Machine.base_b)
     overhead_s: float = 0.0        # the loop's per-step time (Machine.overhead_s)
     step_temp_b: float = 0.0       # transients of the optimizer step, after backward freed the activations
+    code_b: float = 0.0            # the model's kernel code beyond the calibration's (Machine.code_b)
 
     @property
     def memory_b(self) -> float:
         """Model states + the larger of the two peaks (end of forward / during backward:
-        activations + their transients; the update: its temporaries) + the framework term."""
+        activations + their transients; the update: its temporaries) + the framework term
+        + the model's kernel code (CPU: resident pages of the library code its step runs)."""
         peak = max(self.act_b + self.temp_b, self.step_temp_b)
-        return self.params_b + self.grads_b + self.optim_b + peak + self.base_b
+        return self.params_b + self.grads_b + self.optim_b + peak + self.base_b + self.code_b
 
     @property
     def step_s(self) -> float:
@@ -177,7 +181,7 @@ def autocast_temp(psi_local: float, precision: str) -> float:
 
 def _finish(pred: Prediction, machine: Machine, step_temp: float = 0.0) -> Prediction:
     """Adds the host terms and moves the update's temporaries to their own peak."""
-    pred.base_b, pred.overhead_s = machine.base_b, machine.overhead_s
+    pred.base_b, pred.overhead_s, pred.code_b = machine.base_b, machine.overhead_s, machine.code_b
     pred.step_temp_b = step_temp
     return pred
 

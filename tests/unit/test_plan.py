@@ -98,3 +98,32 @@ def test_plan_rejects_a_bad_size(capsys):
 
     code = main(["plan.device_memory=lots", "plan.bandwidth=1GB/s", "plan.peak_flops=1e12", "plan.efficiency=0.5"])
     assert code == 2 and "plan.device_memory='lots'" in capsys.readouterr().err
+
+
+def test_code_term_is_the_models_pages_beyond_the_calibrations(tmp_path, monkeypatch):
+    """The model's kernel code (``plan.pages``): its step's file-backed pages minus the
+    calibration model's, measured once and cached per model config; never negative."""
+    from omegaconf import OmegaConf
+
+    from disttrain.plan import pages
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(pages.torch.cuda, "is_available", lambda: False)
+    calls = []
+    monkeypatch.setattr(pages, "_measure", lambda spec, threads: calls.append(spec) or spec["model"]["pages"])
+    big, tiny = OmegaConf.create({"model": {"pages": 15e6}}), OmegaConf.create({"model": {"pages": 5e6}})
+    assert pages.extra_code_bytes(big, tiny, 2)[0] == pytest.approx(10e6)
+    assert pages.extra_code_bytes(big, tiny, 2)[1].endswith(f"(cached in {tmp_path / 'disttrain' / 'plan_host.json'})")
+    assert len(calls) == 2  # the second plan reads the cache
+    assert pages.extra_code_bytes(tiny, big, 2)[0] == 0.0
+
+
+def test_gpt_step_pages_in_more_code_than_the_calibration_model():
+    """Measured, two fresh processes: gpt_tiny's first steps page in megabytes more library
+    code than the host calibration's tiny MLP (what the GPT rows' memory missed)."""
+    from disttrain.plan import host, pages
+    from disttrain.plan.core import compose
+
+    gpt = pages._measure(pages._spec(compose(["experiment=gpt_text"])), 1)
+    tiny = pages._measure(pages._spec(compose(host.TINY)), 1)
+    assert tiny > 1e6 and gpt - tiny > 4e6

@@ -1,7 +1,8 @@
 """The planner's byte accounting against published figures: the ZeRO paper's per-device
 model-state table (Rajbhandari et al. 2020, Figure 1 / Table 1: Ψ = 7.5B, N_d = 64, Adam,
 mixed precision) and the activation bounds of GPipe and 1F1B pipeline schedules; plus the
-host terms (framework memory, loop overhead, per-collective links) entering every row."""
+host terms (framework memory, the model's kernel code, loop overhead, per-collective links)
+entering every row."""
 import pytest
 
 from disttrain.plan import model as pm
@@ -62,13 +63,13 @@ def test_host_terms_enter_every_row():
     collective uses its own measured link."""
     links = {"allreduce": (1e-4, 1e9), "allgather": (2e-4, 2e9), "p2p": (3e-5, 4e9)}
     machine = pm.Machine(nproc=4, device_memory=1e12, bandwidth=1.0, latency=9.0, peak_flops=1e12, efficiency=0.5,
-                         links=links, overhead_s=0.002, base_b=20e6)
+                         links=links, overhead_s=0.002, base_b=20e6, code_b=3e6)
     facts = pm.ModelFacts(params=1_000_000, linear_params=900_000, flops_per_sample=6e6, act_bytes_per_sample=1e4,
                           boundary_bytes_per_sample=2e3, blocks=4)
     work = pm.Workload(batch=32, micro_batches=4)
-    plain = pm.Machine(**{**machine.__dict__, "overhead_s": 0.0, "base_b": 0.0})
+    plain = pm.Machine(**{**machine.__dict__, "overhead_s": 0.0, "base_b": 0.0, "code_b": 0.0})
     for with_terms, without in zip(pm.predict_all(facts, machine, work), pm.predict_all(facts, plain, work)):
-        assert with_terms.memory_b - without.memory_b == pytest.approx(20e6)
+        assert with_terms.memory_b - without.memory_b == pytest.approx(20e6 + 3e6)  # framework + kernel code
         assert with_terms.step_s - without.step_s == pytest.approx(0.002)
     rows = {p.strategy.split(" m=")[0]: p for p in pm.predict_all(facts, machine, work)}
     assert rows["ddp"].comm_s == pytest.approx(2 * 3 / 4 * 4e6 / 1e9 + 2 * 3 * 1e-4)
