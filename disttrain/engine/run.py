@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from disttrain.checkpoint.background import BackgroundSaver
 from disttrain.checkpoint.commit import Checkpointer, CheckpointError, step_dirs
 from disttrain.observe.logs import setup_logging
 from disttrain.engine.loop import LoopParts, LoopSettings, train
+from disttrain.observe.memory import TrainingMemory
 from disttrain.observe.metrics import Meter, TensorBoard
 from disttrain.observe import build_observer
 from disttrain.observe.progress import Progress
@@ -89,16 +91,28 @@ def _train_rank(cfg: DictConfig, world: env.World, device, run_dir: Path) -> tup
     loader, sampler = builders.build_loader(cfg, dataset, strategy.data_shard())
     if strategy.runs_free():  # a parameter-server worker: outside the loop and its collectives
         guard = Guard(section(cfg, "fault"), cfg.dist.timeout_s, world, run_dir, device)
+        train_memory = TrainingMemory(device, strategy.model)
         try:
             summary = strategy.work(loader, sampler, builders.build_loss(cfg), device,
                                     cfg.trainer.grad_accum_steps, guard.tick_alone)
         finally:
             guard.finish()
             engine.close()
+        _report_free_memory(run_dir, world.rank, train_memory.peak())
         return {**summary, "run_dir": str(run_dir)}, strategy.clean_exit()
     with comm.narrowed(strategy.loop_group()):  # the ranks that run the loop (param_server: servers)
         summary = _loop_rank(cfg, world, device, run_dir, strategy, engine, loader, sampler, val_set)
     return summary, strategy.clean_exit()
+
+
+def _report_free_memory(run_dir: Path, rank: int, peak: int) -> None:
+    """A free-running rank is outside the observer's per-rank table (its collectives are the
+    loop's): its training memory goes to ``memory/rank<r>.json``, which ``plan.validate``
+    reads with the logged ranks' figures."""
+    out = run_dir / "memory"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps({"train_mem_b": int(peak)}))
+    log.info("training memory of this rank: %.1f MB", peak / 1e6)
 
 
 def _loop_rank(cfg: DictConfig, world: env.World, device, run_dir: Path, strategy, engine, loader, sampler,

@@ -47,6 +47,7 @@ class Machine:
     overhead_s: float = 0.0        # the training loop's own time per step (data, observer, hooks)
     base_b: float = 0.0            # framework memory per rank a run adds to its model's bytes
     code_b: float = 0.0            # code the model's kernels page in beyond the calibration's (CPU: plan.pages)
+    shared_host: bool = False      # all ranks on this host: param_server exchanges through shared memory
 
     def link(self, op: str) -> tuple[float, float]:
         return self.links.get(op, (self.latency, self.bandwidth))
@@ -293,19 +294,28 @@ def param_server(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     n, samples = machine.nproc, w.batch * w.accum
     workers = max(n - 1, 1)
     compute = _compute_s(m, machine, samples)
-    per_worker = 2 * p2p_s(4.0 * m.params, 1, machine)
-    server = workers * (per_worker + machine.update_s)
-    if w.staleness == 0:
-        comm = max(per_worker + machine.update_s, server - compute)
+    if machine.shared_host:
+        # one host: pushes and pulls are memory copies (disttrain.ps.shm); a server step is one
+        # gradient of every worker, computed at once, then one update
+        comm = machine.update_s
     else:
-        comm = max(server - compute, 0.0)
+        per_worker = 2 * p2p_s(4.0 * m.params, 1, machine)
+        server = workers * (per_worker + machine.update_s)
+        if w.staleness == 0:
+            comm = max(per_worker + machine.update_s, server - compute)
+        else:
+            comm = max(server - compute, 0.0)
     optim, act = w.optim_bytes * m.params, m.act_bytes_per_sample * w.batch
-    # per rank = the larger role: the server (optimizer state, one received gradient per
-    # worker in flight) or a worker (activations)
-    server_role = optim >= act
+    # per rank = the larger role. The server: the model, the step being summed, the optimizer
+    # state, and (one host) every worker's parameter and gradient buffers it reads and writes
+    # in shared memory (disttrain.ps.shm: resident in its process too, though the pages are
+    # the workers'). A worker: the model, its gradients, its activations.
+    # (over TCP instead: one received gradient per other worker in flight)
+    shared = 8.0 * m.params * workers if machine.shared_host else 4.0 * m.params * (workers - 1)
+    server_role = optim + shared >= act
     pred = Prediction("param_server", 4.0 * m.params, 4.0 * m.params, optim if server_role else 0.0,
                       0.0 if server_role else act, compute, comm, 0.0, samples * workers,
-                      temp_b=4.0 * m.params * (workers - 1) if server_role else 0.0)
+                      temp_b=shared if server_role else 0.0)
     if n < 2:
         pred.fits, pred.note = False, "needs >= 2 ranks (1 server + workers)"
     return _finish(pred, machine, optimizer_temp(m.params, w.optim_bytes) if server_role else 0.0)

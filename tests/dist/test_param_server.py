@@ -92,6 +92,11 @@ def test_tcp_path_equals_the_shared_memory_path(sync_run, tmp_path):
     token = re.search(r"exchange through shared memory \(same host; \S+/disttrain-ps-(\w+)-\*", logs)
     assert token and "2 of 2 worker/server pairs" in logs, logs[-2000:]
     assert not list(Path("/dev/shm").glob(f"disttrain-ps-{token.group(1)}-*"))
+    # the workers (outside the loop's per-rank table) wrote their training memory for the plan
+    import json
+
+    worker_mem = [json.loads((sync_run / "memory" / f"rank{r}.json").read_text())["train_mem_b"] for r in (1, 2)]
+    assert all(m > 1e5 for m in worker_mem), worker_mem
     run_disttrain(SYNC + ["strategy.shared_memory=false"], tmp_path / "tcp", timeout=300)
     assert "shared memory" not in _logs(tmp_path / "tcp")
     got, want = load_model_state(tmp_path / "tcp"), load_model_state(sync_run)

@@ -110,5 +110,9 @@ def test_param_server_overlaps_communication_under_bounded_staleness():
     one = pm.Machine(**{**machine.__dict__, "nproc": 2})
     assert pm.param_server(facts, one, pm.Workload(batch=8, staleness=0)).comm_s == pytest.approx(trip + 0.002)
     assert pm.param_server(facts, one, pm.Workload(batch=8, staleness=4)).comm_s == pytest.approx(trip + 0.002 - compute)
-    # the server holds one received fp32 gradient per worker (3), its optimizer state and update temporary
-    assert bounded.grads_b + bounded.temp_b == pytest.approx(3 * 4e6)
+    # over TCP the server holds the step being summed and a received gradient of each other worker
+    assert bounded.grads_b == pytest.approx(4e6) and bounded.temp_b == pytest.approx(2 * 4e6)
+    # on one host it also has each of the 3 workers' fp32 parameters and gradients resident
+    # (shared memory), and a step costs the update beyond the workers' concurrent compute
+    host = pm.param_server(facts, pm.Machine(**{**machine.__dict__, "shared_host": True}), pm.Workload(batch=8))
+    assert host.temp_b == pytest.approx(3 * 8e6) and host.comm_s == pytest.approx(0.002)
