@@ -86,9 +86,8 @@ class ShardServer:
                 header = protocol.Header.unpack(buf)
                 grad = None
                 if header.kind == protocol.PUSH and worker in self.shared:
-                    # read in place by the serving thread: the worker reuses the buffer only
-                    # after its next reply, and every path below either consumes the gradient
-                    # before that reply can be sent or copies it (a push deferred by a cut)
+                    # read in place: the worker reuses it only after its next reply, sent once
+                    # this push is consumed (or copied: a push deferred by a cut)
                     grad = self.shared[worker][1]
                 elif header.kind == protocol.PUSH:
                     grad = torch.empty(self.numel, dtype=self.dtype)
@@ -371,11 +370,9 @@ class ShardServer:
         return self.snapshot[1]
 
     def _prune_sends(self, weights: bool = False) -> None:
-        """Collect sends (each exactly once: a gloo send waited twice blocks): replies alone at
-        once (32 bytes: done when written to the socket), sends of the weights when they are
-        done or, with ``weights``, waiting for them. Gloo's ``is_completed`` stays False until
-        ``wait``, so a reply left to it was never collected: the list grew by one entry per
-        reply and every event walked it (pushes/s fell from 55 to 34 over 1500 steps)."""
+        """Collect sends once each (a gloo send waited twice blocks): replies at once (32 bytes),
+        weights when done or, with ``weights``, waiting. Gloo's ``is_completed`` is False until
+        ``wait``: replies left to it piled up (pushes/s 55 -> 34 over 1500 steps)."""
         pending = []
         for works, buffers, worker in self.sends:
             if len(buffers) == 1 or weights or all(w.is_completed() for w in works):
