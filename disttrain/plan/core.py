@@ -104,8 +104,7 @@ def machine_from(cfg: DictConfig, facts: pm.ModelFacts, nproc: int, threads: int
                         f"{micro_batch}")
     machine = pm.Machine(nproc, memory, bandwidth, latency, peak, efficiency, micro, update, links)
     # links measured here: the ranks share this host (param_server's shared-memory exchange)
-    ps_shared = cfg.strategy.get("shared_memory", True) if "shared_memory" in cfg.strategy else True
-    machine.shared_host = not p.bandwidth and bool(ps_shared)
+    machine.shared_host = not p.bandwidth and bool(cfg.strategy.get("shared_memory", True))
     if _stated_host(p):
         notes["host"] = "loop overhead and framework memory not added (stated machine)"
         return machine, notes
