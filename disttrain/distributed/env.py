@@ -80,9 +80,16 @@ def first_slurm_host(nodelist: str) -> str:
     return first_host(nodelist)
 
 
+#: Slurm master ports lie below Linux's default ephemeral range (32768-60999), where every
+#: ``bind(port 0)`` and outgoing connection on the node takes its ports: a derived port inside
+#: it can be held by another job's gloo listener, and rank 1's store client then connects to
+#: that listener and waits forever (seen once in CI: a submitit trial that never ended).
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 17000
+
+
 def slurm_port(job_id: str) -> int:
     """A port derived from the job id, so every task agrees without talking first."""
-    return 20000 + zlib.crc32(job_id.encode()) % 20000
+    return SLURM_PORT_BASE + zlib.crc32(job_id.encode()) % SLURM_PORT_SPAN
 
 
 def _slurm(environ: Mapping[str, str]) -> World:

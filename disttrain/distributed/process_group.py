@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 
 import torch
 import torch.distributed as dist
@@ -70,6 +71,8 @@ def _mpi_bootstrap(world: World) -> World:
 #: store just before rank 0 freed it (a hang), or rank 0 could not bind while the old one lived
 #: (EADDRINUSE). Reused, like torchrun's agent store, with a fresh key prefix per init.
 _STORES: dict[tuple, dist.Store] = {}
+#: How long past the store's own timeout a client waits for an answer before giving up.
+STORE_GRACE_S = 10.0
 
 
 def _store(world: World, timeout: datetime.timedelta) -> dist.Store:
@@ -82,12 +85,48 @@ def _store(world: World, timeout: datetime.timedelta) -> dist.Store:
     is_master = world.rank == 0 and not world.agent_store
     key = (world.master_addr, world.master_port, world.rank, world.world_size, is_master)
     if key not in _STORES:
-        _STORES[key] = dist.TCPStore(
-            world.master_addr, world.master_port, world.world_size, is_master,
-            timeout=timeout, wait_for_workers=False,
-        )
+        _STORES[key] = _connect_store(world, is_master, timeout)
     _STORES[key].set_timeout(timeout)
     return _STORES[key]
+
+
+def _connect_store(world: World, is_master: bool, timeout: datetime.timedelta) -> dist.Store:
+    """The TCP store, failing clearly instead of hanging. The master's port may be taken
+    (EADDRINUSE: name the port and the fix). A client whose port is held by some other
+    program's listener connects to it and waits for a reply forever, ignoring the store's
+    own timeout (checked: torch 2.13, a socket that accepts and never answers). Python cannot
+    interrupt that C++ wait, so the client connects in a daemon thread and the caller stops
+    waiting after the timeout: an exception, so launchers that wait for a result (submitit)
+    see the rank fail instead of waiting for it forever."""
+    where = f"{world.master_addr}:{world.master_port}"
+    fix = ("another program uses that port on the master host; export MASTER_PORT=<a free port> "
+           f"for every rank ({world.launcher} launch)")
+    if is_master:
+        try:
+            return dist.TCPStore(world.master_addr, world.master_port, world.world_size, True,
+                                 timeout=timeout, wait_for_workers=False)
+        except dist.DistNetworkError as exc:
+            if "EADDRINUSE" not in str(exc):
+                raise
+            raise LauncherEnvError(f"rank 0 cannot open the rendezvous store on {where}: {fix}.") from exc
+    outcome: list = []
+
+    def connect() -> None:
+        try:
+            outcome.append(dist.TCPStore(world.master_addr, world.master_port, world.world_size, False,
+                                         timeout=timeout, wait_for_workers=False))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, name="disttrain-store-connect", daemon=True)
+    thread.start()
+    thread.join(timeout.total_seconds() + STORE_GRACE_S)
+    if not outcome:
+        raise LauncherEnvError(f"rank {world.rank}: no answer from the rendezvous store at {where} within "
+                               f"dist.timeout_s={timeout.total_seconds():.0f} s: {fix}.")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def init(world: World, backend: str = "auto", timeout_s: float = 300.0) -> torch.device:

@@ -86,13 +86,27 @@ SWEEP_TINY = ["model.hidden=16", "model.depth=2", "data.size=512", "data.val_fra
               "trainer.eval_every=5", "trainer.log_every=5", "checkpoint.every_steps=0"]
 
 
+def submitit_logs(env: dict, sweep_dir) -> str:
+    """What a hung or failed submitit sweep left: the queue and each task's log tails."""
+    parts = [run(["squeue", "-a", "-l"], env=env, check=False).stdout]
+    for log in sorted(sweep_dir.glob(".submitit/*/*_log.*")):
+        parts.append(f"--- {log.name}\n" + log.read_text(errors="replace")[-3000:])
+    return "\n".join(parts)
+
+
 @pytest.mark.world_size(2)
 def test_submitit_slurm_sweep_runs_each_trial_as_a_two_task_job(tmp_path, slurm_env):
     sweep_dir = tmp_path / "sweep"
-    run_disttrain(["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=2",
-                   "hydra.launcher.timeout_min=10", *SWEEP_TINY, "trainer.max_steps=10", "optim.lr=0.01,0.1",
-                   f"hydra.sweep.dir={sweep_dir}"], tmp_path / "unused", timeout=400,
-                  env={"SLURM_CONF": slurm_env["SLURM_CONF"]})
+    # Without accounting (no slurmdbd here) submitit learns that a task ended only from its
+    # result file: a task that dies without one would be waited for forever, so bound the
+    # store and collective waits (dist.timeout_s) well inside the test's own limit.
+    try:
+        run_disttrain(["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=2",
+                       "hydra.launcher.timeout_min=10", *SWEEP_TINY, "trainer.max_steps=10", "optim.lr=0.01,0.1",
+                       "dist.timeout_s=120", f"hydra.sweep.dir={sweep_dir}"], tmp_path / "unused", timeout=400,
+                      env={"SLURM_CONF": slurm_env["SLURM_CONF"]})
+    except (subprocess.TimeoutExpired, AssertionError) as exc:
+        raise AssertionError(f"{exc}\n{submitit_logs(slurm_env, sweep_dir)}") from exc
     with open(sweep_dir / "summary.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["optim.lr"], r["status"], r["steps"]) for r in rows] == [("0.01", "ok", "10"), ("0.1", "ok", "10")]
