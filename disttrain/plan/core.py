@@ -168,10 +168,18 @@ def predictions(cfg: DictConfig, nproc: int) -> tuple[list[pm.Prediction], pm.Mo
 
     facts = plan_probe.model_facts(cfg, int(cfg.data.batch_size))
     machine, notes = machine_from(cfg, facts, nproc, _threads(nproc))
-    work = pm.Workload(int(cfg.data.batch_size), int(cfg.trainer.grad_accum_steps), int(cfg.plan.micro_batches),
+    return rows_for(cfg, facts, machine, workload(cfg), nproc), facts, machine, notes
+
+
+def workload(cfg: DictConfig) -> pm.Workload:
+    return pm.Workload(int(cfg.data.batch_size), int(cfg.trainer.grad_accum_steps), int(cfg.plan.micro_batches),
                        optimizer_bytes(cfg), configured(cfg), _schedule(cfg), _staleness(cfg))
-    rows = sharded.predict_rows(facts, machine, work, sharded_layouts(cfg, nproc))
-    return pm.predict_all(facts, machine, work, rows), facts, machine, notes
+
+
+def rows_for(cfg: DictConfig, facts: pm.ModelFacts, machine: pm.Machine, work: pm.Workload,
+             nproc: int) -> list[pm.Prediction]:
+    """Every row (the sharded ones as the run's degrees lay them out) for one workload."""
+    return pm.predict_all(facts, machine, work, sharded.predict_rows(facts, machine, work, sharded_layouts(cfg, nproc)))
 
 
 def tiny_comm(machine: pm.Machine, nproc: int, micro_batches: int) -> dict[str, float]:

@@ -20,8 +20,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from disttrain.config.resolvers import config_dir
-from disttrain.plan.core import compose, human, predictions, tiny_comm
-from disttrain.plan import host
+from disttrain.plan.core import compose, human, predictions, rows_for, workload
+from disttrain.plan import host, structure
 
 log = logging.getLogger("disttrain")
 MEMORY_STEPS = 4  # the peak is reached by step 2 (optimizer state from step 1, DDP's bucket rebuild at 2)
@@ -92,13 +92,18 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
                 extra = extra + ["strategy.schedule=gpipe", f"strategy.micro_batches={cfg.plan.micro_batches}"]
             run_dir = Path(tmp) / name.replace(" ", "_")
             try:
-                # this strategy's own loop overhead and framework memory (a tiny run, cached)
-                tiny_step, base, _ = host.framework(nproc, threads, strategy, tuple(extra))
+                # this strategy's framework memory (a tiny run, cached)
+                _, base, _ = host.framework(nproc, threads, strategy, tuple(extra))
                 # predicted right before the run: a shared host's load moves within minutes,
                 # and the probe must see the contention the run will
-                rows_pred, _, machine, _ = predictions(local, nproc)
+                rows_pred, facts, machine, _ = predictions(local, nproc)
                 preds = {p.strategy.split(" m=")[0]: p for p in rows_pred}
-                overhead = max(tiny_step - tiny_comm(machine, nproc, int(cfg.plan.micro_batches))[key], 0.0)
+                # its per-step overhead on this model's structure (plan.structure, cached)
+                small = structure.twin_batch(int(local.data.batch_size), int(cfg.plan.micro_batches))
+                twin_rows = rows_for(local, facts, machine, dataclasses.replace(workload(local), batch=small), nproc)
+                twin = {p.strategy.split(" m=")[0]: p for p in twin_rows}[key]
+                twin_step, _ = structure.measured_step(base_argv, strategy, extra, nproc, threads, small)
+                overhead = structure.overhead_s(twin, twin_step)
                 timed = host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / "time")
                 live = host.run_real(base_argv, strategy, nproc, MEMORY_STEPS, threads, extra, run_dir / "memory",
                                      live_memory=True)

@@ -296,8 +296,9 @@ def param_server(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     compute = _compute_s(m, machine, samples)
     if machine.shared_host:
         # one host: pushes and pulls are memory copies (disttrain.ps.shm); a server step is one
-        # gradient of every worker, computed at once, then one update
-        comm = machine.update_s
+        # gradient of every worker, computed at once, and one update, which under a staleness
+        # bound overlaps the workers' next gradients (they wait for it only synchronously)
+        comm = machine.update_s if w.staleness == 0 else max(machine.update_s - compute, 0.0)
     else:
         per_worker = 2 * p2p_s(4.0 * m.params, 1, machine)
         server = workers * (per_worker + machine.update_s)

@@ -113,6 +113,12 @@ def test_param_server_overlaps_communication_under_bounded_staleness():
     # over TCP the server holds the step being summed and a received gradient of each other worker
     assert bounded.grads_b == pytest.approx(4e6) and bounded.temp_b == pytest.approx(2 * 4e6)
     # on one host it also has each of the 3 workers' fp32 parameters and gradients resident
-    # (shared memory), and a step costs the update beyond the workers' concurrent compute
-    host = pm.param_server(facts, pm.Machine(**{**machine.__dict__, "shared_host": True}), pm.Workload(batch=8))
-    assert host.temp_b == pytest.approx(3 * 8e6) and host.comm_s == pytest.approx(0.002)
+    # (shared memory); a step costs the update, which a staleness bound overlaps with the
+    # workers' next gradients (only its part beyond their 8 ms of compute shows)
+    shared = pm.Machine(**{**machine.__dict__, "shared_host": True})
+    host = pm.param_server(facts, shared, pm.Workload(batch=8))
+    assert host.temp_b == pytest.approx(3 * 8e6) and host.comm_s == 0.0
+    assert pm.param_server(facts, shared, pm.Workload(batch=8, staleness=0)).comm_s == pytest.approx(0.002)
+    slow_update = pm.Machine(**{**shared.__dict__, "update_s": 0.010})
+    assert pm.param_server(facts, slow_update, pm.Workload(batch=8)).comm_s == pytest.approx(0.002)
+    assert pm.param_server(facts, slow_update, pm.Workload(batch=8, staleness=0)).comm_s == pytest.approx(0.010)

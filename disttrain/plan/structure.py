@@ -1,0 +1,57 @@
+"""A strategy's per-step overhead on this model's own structure, measured once per host.
+
+The step-time model covers what grows with the batch (compute) and with the model's bytes
+(collectives over measured curves, the update). What does neither is CPU time the strategy
+spends per module, per parameter and per operator: FSDP's and ZeRO-3's hooks and gathers
+bookkeeping, DTensor's dispatch of every operator of a tensor-parallel layer, the loop's own
+calls. It depends on how many such modules and operators the model has, not on their width:
+the tiny calibration model (``plan.host``) had 4 Linear layers and gpt_tiny under tensor
+parallelism spends ~34 ms per step on it (measured here, 2 ranks: 44 ms at 2 samples
+per rank against ddp's 10 ms), several times the tiny model's.
+
+So each strategy is run for real on this model at the smallest batch its layout allows
+(``twin_batch``: one sample per pipeline micro-batch), where compute is small; its measured
+step minus what the model predicts for that same small step (compute, communication, update,
+bubble) is the overhead added to the full-batch row. Cached in plan_host.json per host,
+rank count, strategy, model config and batch, like the other host terms.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from disttrain.plan import host
+from disttrain.plan.model import Prediction
+
+TWIN_STEPS = 12
+
+
+def twin_batch(batch: int, micro_batches: int) -> int:
+    """Samples per rank of the overhead run: one per pipeline micro-batch (so the pipeline
+    row's batch stays divisible), never more than the run's."""
+    return max(1, min(batch, micro_batches))
+
+
+def measured_step(argv: list[str], strategy: str, extra: list[str], nproc: int, threads: int,
+                  batch: int) -> tuple[float, str]:
+    """(mean step seconds of ``strategy`` on the run's model at ``batch`` samples per rank,
+    where it comes from): the cache, or a real run of ``TWIN_STEPS`` steps now."""
+    path = host.cache_file()
+    argv = [a for a in argv if not a.startswith("data.batch_size=")]
+    key = host._key(nproc, threads, " ".join([strategy, *extra])) + f"|overhead run b={batch}|" + " ".join(argv)
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if key in cached:
+        return cached[key]["step_s"], f"cached in {path}"
+    with tempfile.TemporaryDirectory(prefix="disttrain-plan-overhead-") as tmp:
+        run = host.run_real([*argv, f"data.batch_size={batch}"], strategy, nproc, TWIN_STEPS, threads, extra,
+                            Path(tmp) / "run")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = json.loads(path.read_text()) if path.exists() else {}  # another plan may have written meanwhile
+    path.write_text(json.dumps({**fresh, key: {"step_s": run["step_s"]}}, indent=1))
+    return run["step_s"], "measured now"
+
+
+def overhead_s(twin: Prediction, twin_step_s: float) -> float:
+    """What the small run spent beyond the modelled step (the row's own overhead term aside)."""
+    return max(twin_step_s - (twin.step_s - twin.overhead_s), 0.0)
