@@ -4,7 +4,12 @@ strategy that runs on this host (single at 1 rank; ddp, fsdp, DeepSpeed ZeRO 1-3
 Each prediction is made at the planned rank count by that many probe processes stepping at
 once (the contention of the run), then each strategy trains for real through the CLI.
 
-    .venv/bin/python bench/plan_accuracy.py [--ranks 1,2,4] [--only mlp|gpt] [--steps 12]
+    .venv/bin/python bench/plan_accuracy.py [--ranks 1,2,4] [--only mlp|gpt] [--steps 12] [--keep-cache]
+    .venv/bin/python bench/plan_accuracy.py --readme RUN_ID   # the README's table from the results file
+
+Every host term (loop and framework, kernel code, each strategy's overhead run) is measured
+afresh in this run, in a cache of its own, unless --keep-cache reuses the user's plan_host.json:
+a term measured hours earlier under another load would otherwise stay in every later run.
 
 Prints one predicted-vs-measured table (step time and peak memory per rank; error =
 (predicted - measured) / measured) and ends with
@@ -18,6 +23,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -58,12 +64,42 @@ def record(rows: list[dict], args) -> None:
     base = {"bench": "plan_accuracy", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
             "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpus": os.cpu_count(), "steps": args.steps}
+            "cpus": os.cpu_count(), "steps": args.steps, "fresh_host_terms": not args.keep_cache}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps({**base, **{k: round(v, 6) if isinstance(v, float) else v
                                                for k, v in row.items()}}) + "\n")
+
+
+ORDER = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "pipeline", "tensor parallel", "param_server")
+LABELS = {"mlp": "MLP 4×1024, batch 64", "gpt": "gpt_tiny, batch 16×64"}
+
+
+def readme_table(run_id: str) -> str:
+    """One run's rows as the README prints them: per model and strategy, "2 · 4" ranks."""
+    rows = [r for r in map(json.loads, RESULTS.read_text().splitlines()) if r["run_id"] == run_id]
+    if not rows:
+        raise SystemExit(f"no rows of run {run_id} in {RESULTS}")
+
+    def pct(x: float) -> str:
+        return f"{x * 100:+.0f}%".replace("-", "−")
+
+    out = ["| model | strategy | ranks | step ms | error | memory MB | error |", "|---|---|---|---|---|---|---|"]
+    for model in LABELS:
+        label = LABELS[model]
+        for strategy in ORDER:
+            sel = sorted((r for r in rows if r["model"] == model and r["strategy"] == strategy), key=lambda r: r["ranks"])
+            if not sel:
+                continue
+            cells = [" · ".join(str(r["ranks"]) for r in sel),
+                     " · ".join(f"{r['pred_step_s'] * 1e3:.1f} / {r['meas_step_s'] * 1e3:.1f}" for r in sel),
+                     " · ".join(pct(r["step_error"]) for r in sel),
+                     " · ".join(f"{r['pred_mem_b'] / 1e6:.1f} / {r['meas_mem_b'] / 1e6:.1f}" for r in sel),
+                     " · ".join(pct(r["mem_error"]) for r in sel)]
+            out.append(f"| {label} | {strategy} | " + " | ".join(cells) + " |")
+            label = ""
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -73,7 +109,14 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(CONFIGS))
     parser.add_argument("--strategies", default="",
                         help="comma list of rows (default: all that run here); tensor = tensor parallel")
+    parser.add_argument("--keep-cache", action="store_true", help="reuse the host terms in plan_host.json")
+    parser.add_argument("--readme", metavar="RUN_ID", help="print that run's README table and exit")
     args = parser.parse_args()
+    if args.readme:
+        print(readme_table(args.readme))
+        return
+    if not args.keep_cache:
+        os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="plan-accuracy-cache-")
     only = [ALIASES.get(s, s) for s in args.strategies.split(",") if s] or None
     rows, start = [], time.perf_counter()
     for name, overrides in CONFIGS.items():

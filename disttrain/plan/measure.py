@@ -5,8 +5,9 @@ process group, own run dir), twice: ``plan.validate_steps`` steps for the step t
 observer's mean over the logged intervals after the first, warm-up) and a few steps for the
 memory (the largest over the ranks; GPU: peak allocated; CPU: the model state the rank
 holds plus the growth of peak resident memory, with freed tensors leaving it:
-``plan.host``). The prediction takes this strategy's own loop overhead and framework
-memory (``plan.host.framework``).
+``plan.host``). The prediction takes this strategy's framework memory (``plan.host.framework``)
+and its per-step overhead on this model (``plan.structure``: a real run at a small batch, so
+each row's step is measured there plus the modelled cost of the extra samples).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from disttrain.plan import host, structure
 
 log = logging.getLogger("disttrain")
 MEMORY_STEPS = 4  # the peak is reached by step 2 (optimizer state from step 1, DDP's bucket rebuild at 2)
+#: what the overhead run's prediction takes from the machine probed right before each run
+HOST_TERMS = ("links", "latency", "bandwidth", "update_s", "overhead_s")
 
 #: row name -> (strategy config, extra overrides, name of the matching prediction)
 CANDIDATES = {
@@ -84,6 +87,8 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
     local = compose(base_argv + [f"dist.nproc_per_node={nproc}", f"plan.micro_batches={cfg.plan.micro_batches}",
                                  "strategy=pipeline", "strategy.schedule=gpipe"])
     threads = max(1, (os.cpu_count() or 1) // nproc)
+    micro_batches = int(cfg.plan.micro_batches)
+    small, small_machine = structure.twin_batch(int(local.data.batch_size), micro_batches), None
     rows = []
     with tempfile.TemporaryDirectory(prefix="disttrain-plan-") as tmp:
         for name in names:
@@ -99,18 +104,23 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
                 rows_pred, facts, machine, _ = predictions(local, nproc)
                 preds = {p.strategy.split(" m=")[0]: p for p in rows_pred}
                 # its per-step overhead on this model's structure (plan.structure, cached)
-                small = structure.twin_batch(int(local.data.batch_size), int(cfg.plan.micro_batches))
-                twin_rows = rows_for(local, facts, machine, dataclasses.replace(workload(local), batch=small), nproc)
+                if small_machine is None:  # the compute of that small step: probed once, at its own batch
+                    small_machine = structure.small_batch_machine(local, facts, machine, small, micro_batches,
+                                                                  threads)
+                twin_machine = dataclasses.replace(small_machine, **{k: getattr(machine, k) for k in HOST_TERMS})
+                twin_rows = rows_for(local, facts, twin_machine, dataclasses.replace(workload(local), batch=small),
+                                     nproc)
                 twin = {p.strategy.split(" m=")[0]: p for p in twin_rows}[key]
                 twin_step, _ = structure.measured_step(base_argv, strategy, extra, nproc, threads, small)
-                overhead = structure.overhead_s(twin, twin_step)
                 timed = host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / "time")
                 live = host.run_real(base_argv, strategy, nproc, MEMORY_STEPS, threads, extra, run_dir / "memory",
                                      live_memory=True)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 log.warning("plan.validate: %s at %d ranks did not finish: %s", name, nproc, str(exc)[-300:])
                 continue
-            pred = dataclasses.replace(preds[key], overhead_s=overhead, base_b=base)
+            step = structure.full_step_s(preds[key], twin, twin_step)
+            pred = dataclasses.replace(preds[key], overhead_s=step - (preds[key].step_s - preds[key].overhead_s),
+                                       base_b=base)
             rows.append({"strategy": name, "ranks": nproc, "pred_step_s": pred.step_s, "meas_step_s": timed["step_s"],
                          "step_error": _error(pred.step_s, timed["step_s"]), "pred_mem_b": pred.memory_b,
                          "meas_mem_b": live["memory_b"], "mem_error": _error(pred.memory_b, live["memory_b"])})

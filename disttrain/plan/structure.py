@@ -12,17 +12,24 @@ per rank against ddp's 10 ms), several times the tiny model's.
 So each strategy is run for real on this model at the smallest batch its layout allows
 (``twin_batch``: one sample per pipeline micro-batch), where compute is small; its measured
 step minus what the model predicts for that same small step (compute, communication, update,
-bubble) is the overhead added to the full-batch row. Cached in plan_host.json per host,
-rank count, strategy, model config and batch, like the other host terms.
+bubble) is the overhead added to the full-batch row: the row's step is the small run's plus
+the modelled cost of the extra samples (``full_step_s``). That small step's compute is probed at
+its own batch (``small_batch_machine``), not extrapolated from the full batch's efficiency: a
+1024-wide MLP at 4 samples streams its weights far below its full-batch rate, and that
+shortfall would otherwise count as overhead. Cached in plan_host.json per host, rank count,
+strategy, model config and batch, like the other host terms.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from disttrain.plan import host
-from disttrain.plan.model import Prediction
+from disttrain.plan.model import Machine, ModelFacts, Prediction
 
 TWIN_STEPS = 12
 
@@ -53,5 +60,28 @@ def measured_step(argv: list[str], strategy: str, extra: list[str], nproc: int, 
 
 
 def overhead_s(twin: Prediction, twin_step_s: float) -> float:
-    """What the small run spent beyond the modelled step (the row's own overhead term aside)."""
-    return max(twin_step_s - (twin.step_s - twin.overhead_s), 0.0)
+    """The small run's time beyond the modelled small step (the row's own overhead term aside):
+    what does not grow with the batch and the model misses. Signed: where the model over-counts
+    such a term (DDP's bucket all-reduces overlap backward, which the model adds in full) the
+    run is faster than modelled and the difference comes off too."""
+    return twin_step_s - (twin.step_s - twin.overhead_s)
+
+
+def full_step_s(full: Prediction, twin: Prediction, twin_step_s: float) -> float:
+    """The row's step: the small run's measured step plus the modelled cost of the extra
+    samples (never less than the small run itself)."""
+    return max(full.step_s - full.overhead_s + overhead_s(twin, twin_step_s), twin_step_s)
+
+
+def small_batch_machine(cfg: DictConfig, facts: ModelFacts, machine: Machine, small: int, micro_batches: int,
+                        threads: int) -> Machine:
+    """``machine`` with the efficiencies measured at the overhead run's batch (and at its
+    pipeline micro-batch), by the same ``machine.nproc`` processes stepping at once."""
+    from disttrain.plan import concurrent
+
+    micro = small // micro_batches if micro_batches > 1 and small % micro_batches == 0 else 0
+    (seconds, _), (micro_s, _) = concurrent.probe(cfg, machine.nproc, (small, micro if micro != small else 0),
+                                                  threads)[0]
+    efficiency = facts.flops_per_sample * small / seconds / machine.peak_flops
+    micro_efficiency = facts.flops_per_sample * micro / micro_s / machine.peak_flops if micro_s else efficiency
+    return dataclasses.replace(machine, efficiency=efficiency, micro_efficiency=micro_efficiency)

@@ -1,0 +1,55 @@
+"""plan.structure: the strategy's per-step overhead on the model's own structure, from a
+real run at a small batch minus the modelled small step (the run itself is faked here;
+bench/plan_accuracy.py runs it for real)."""
+from __future__ import annotations
+
+import pytest
+
+from disttrain.plan import host, structure
+from disttrain.plan.model import Prediction
+
+
+def _pred(compute: float, comm: float, update: float, bubble: float = 0.0, overhead: float = 0.0) -> Prediction:
+    return Prediction("x", 0, 0, 0, 0, compute, comm, bubble, 1, update, overhead_s=overhead)
+
+
+def test_twin_batch_is_one_sample_per_micro_batch_and_never_more_than_the_run():
+    assert structure.twin_batch(16, 4) == 4
+    assert structure.twin_batch(2, 4) == 2
+    assert structure.twin_batch(64, 1) == 1
+
+
+def test_overhead_is_the_small_runs_time_beyond_the_modelled_small_step():
+    # modelled: 2 ms compute over a 0.5 bubble (4 ms) + 3 ms comm + 1 ms update = 8 ms
+    twin = _pred(0.002, 0.003, 0.001, bubble=0.5, overhead=0.004)
+    assert structure.overhead_s(twin, 0.020) == pytest.approx(0.012)  # the row's own overhead term is not subtracted
+    # faster than modelled (DDP's all-reduce overlapping backward): the difference comes off
+    assert structure.overhead_s(twin, 0.005) == pytest.approx(-0.003)
+    full = _pred(0.032, 0.003, 0.001, overhead=0.004)  # 36 ms modelled at the full batch
+    assert structure.full_step_s(full, twin, 0.020) == pytest.approx(0.048)
+    assert structure.full_step_s(full, twin, 0.005) == pytest.approx(0.033)
+    # never below the small run itself (a model whose full step is under its small one)
+    assert structure.full_step_s(_pred(0.001, 0, 0), twin, 0.020) == pytest.approx(0.020)
+
+
+def test_measured_step_runs_once_per_strategy_model_and_batch(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def fake_run(argv, strategy, nproc, steps, threads, extra, run_dir, **_):
+        calls.append((tuple(argv), strategy, nproc, steps, tuple(extra)))
+        return {"step_s": 0.05 + 0.01 * len(calls), "memory_b": 0.0}
+
+    monkeypatch.setattr(host, "run_real", fake_run)
+    argv = ["experiment=gpt_text", "data.batch_size=16"]
+    first = structure.measured_step(argv, "model_parallel", ["strategy.mode=tensor"], 2, 1, 4)
+    assert first == (pytest.approx(0.06), "measured now")
+    # the run's own batch is replaced by the small one, not given twice
+    assert calls == [(("experiment=gpt_text", "data.batch_size=4"), "model_parallel", 2, structure.TWIN_STEPS,
+                      ("strategy.mode=tensor",))]
+    again = structure.measured_step(argv, "model_parallel", ["strategy.mode=tensor"], 2, 1, 4)
+    assert again[0] == pytest.approx(0.06) and again[1].startswith("cached in") and len(calls) == 1
+    structure.measured_step(argv, "model_parallel", ["strategy.mode=tensor"], 4, 1, 4)  # another rank count
+    structure.measured_step(argv, "ddp", [], 2, 1, 4)  # another strategy
+    structure.measured_step(["experiment=gpt_text", "model.layers=4"], "ddp", [], 2, 1, 4)  # another model
+    assert len(calls) == 4
