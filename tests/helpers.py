@@ -61,3 +61,16 @@ def run_disttrain(overrides: list[str], run_dir: Path, timeout: float = 180, che
     return proc
 
 from disttrain.testing import spawn  # noqa: E402,F401  (re-exported for the tests)
+
+
+def spawned_once(fn, world: int, fixture: str, timeout: float = 300):
+    """A module-scoped fixture named ``fixture``: ``fn(rank, world, tmp_dir)`` run once on
+    ``world`` real gloo ranks; every rank's result, shared by the module's tests (one spawn
+    per file instead of one per test)."""
+    import pytest
+
+    @pytest.fixture(scope="module", name=fixture)
+    def _spawned(tmp_path_factory):
+        return spawn(fn, world, str(tmp_path_factory.mktemp(fixture)), timeout=timeout)
+
+    return _spawned

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import spawn
+from helpers import spawned_once
 
 import _matrix as mx
 
@@ -86,9 +86,7 @@ def _run(rank, world_size, tmp):
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return spawn(_run, 2, str(tmp_path_factory.mktemp("compile")), timeout=900)
+runs = spawned_once(_run, 2, "runs", timeout=900)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import spawn
+from helpers import spawned_once
 
 import _matrix as mx
 
@@ -62,9 +62,7 @@ def _run_matrix(rank, world_size, tmp):
     return out
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    return spawn(_run_matrix, 2, str(tmp_path_factory.mktemp("matrix")), timeout=600)
+matrix = spawned_once(_run_matrix, 2, "matrix", timeout=600)
 
 
 @pytest.mark.parametrize("strategy", list(mx.STRATEGIES))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import spawn
+from helpers import spawned_once
 
 import _matrix as mx
 
@@ -120,9 +120,7 @@ def _run_cases(rank, world_size, tmp):
     return out
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    return spawn(_run_cases, RANKS, str(tmp_path_factory.mktemp("fsdp4")), timeout=600)
+cases = spawned_once(_run_cases, RANKS, "cases", timeout=600)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "hsdp_bf16"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import spawn
+from helpers import spawned_once
 
 import _matrix as mx
 
@@ -162,14 +162,8 @@ def _run_cases(rank, world_size, tmp):
     return out
 
 
-@pytest.fixture(scope="module")
-def four(tmp_path_factory):
-    return spawn(_run_cases, 4, str(tmp_path_factory.mktemp("mesh4")), timeout=300)
-
-
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory):
-    return spawn(_run_cases, 8, str(tmp_path_factory.mktemp("mesh8")), timeout=300)
+four = spawned_once(_run_cases, 4, "four")
+eight = spawned_once(_run_cases, 8, "eight")
 
 
 def _rows(results, case):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import spawn
+from helpers import spawned_once
 
 pytest.importorskip("transformers")
 
@@ -225,14 +225,8 @@ def _run(rank, world_size, tmp):
     return out
 
 
-@pytest.fixture(scope="module")
-def two(tmp_path_factory):
-    return spawn(_run, 2, str(tmp_path_factory.mktemp("hf2")), timeout=300)
-
-
-@pytest.fixture(scope="module")
-def four(tmp_path_factory):
-    return spawn(_run, 4, str(tmp_path_factory.mktemp("hf4")), timeout=300)
+two = spawned_once(_run, 2, "two")
+four = spawned_once(_run, 4, "four")
 
 
 ALL = [(2, case) for case in CASES[2]] + [(4, case) for case in CASES[4]]
