@@ -105,6 +105,8 @@ def machine_from(cfg: DictConfig, facts: pm.ModelFacts, nproc: int, threads: int
     machine = pm.Machine(nproc, memory, bandwidth, latency, peak, efficiency, micro, update, links)
     # links measured here: the ranks share this host (param_server's shared-memory exchange)
     machine.shared_host = not p.bandwidth and bool(cfg.strategy.get("shared_memory", True))
+    if machine.shared_host and device.type == "cpu":
+        machine.slots = (os.cpu_count() or 1) / threads
     if _stated_host(p):
         notes["host"] = "loop overhead and framework memory not added (stated machine)"
         return machine, notes

@@ -48,6 +48,7 @@ class Machine:
     base_b: float = 0.0            # framework memory per rank a run adds to its model's bytes
     code_b: float = 0.0            # code the model's kernels page in beyond the calibration's (CPU: plan.pages)
     shared_host: bool = False      # all ranks on this host: param_server exchanges through shared memory
+    slots: float = 0.0             # ranks this host runs at full speed at once (CPU: cores / threads); 0: one each
 
     def link(self, op: str) -> tuple[float, float]:
         return self.links.get(op, (self.latency, self.bandwidth))
@@ -298,7 +299,13 @@ def param_server(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
         # one host: pushes and pulls are memory copies (disttrain.ps.shm); a server step is one
         # gradient of every worker, computed at once, and one update, which under a staleness
         # bound overlaps the workers' next gradients (they wait for it only synchronously)
-        comm = machine.update_s if w.staleness == 0 else max(machine.update_s - compute, 0.0)
+        update = machine.update_s
+        if machine.slots and n > machine.slots:
+            # more ranks than the cores run at once: the probe timed every rank busy, but the
+            # server computes no gradient and is busy only while it updates
+            busy = workers + min(update / compute, 1.0) if compute > 0 else n
+            compute, update = (t * max(machine.slots, busy) / n for t in (compute, update))
+        comm = update if w.staleness == 0 else max(update - compute, 0.0)
     else:
         per_worker = 2 * p2p_s(4.0 * m.params, 1, machine)
         server = workers * (per_worker + machine.update_s)

@@ -122,3 +122,9 @@ def test_param_server_overlaps_communication_under_bounded_staleness():
     slow_update = pm.Machine(**{**shared.__dict__, "update_s": 0.010})
     assert pm.param_server(facts, slow_update, pm.Workload(batch=8)).comm_s == pytest.approx(0.002)
     assert pm.param_server(facts, slow_update, pm.Workload(batch=8, staleness=0)).comm_s == pytest.approx(0.010)
+    # 4 ranks on 2 cores: the probe timed all 4 computing; the server computes no gradient and
+    # updates 2 of every 8 ms, so 3.25 processes share the 2 cores: compute 8 * 3.25 / 4 = 6.5 ms
+    crowded = pm.param_server(facts, pm.Machine(**{**shared.__dict__, "slots": 2.0}), pm.Workload(batch=8))
+    assert crowded.compute_s == pytest.approx(0.0065) and crowded.comm_s == 0.0
+    roomy = pm.param_server(facts, pm.Machine(**{**shared.__dict__, "slots": 4.0}), pm.Workload(batch=8))
+    assert roomy.compute_s == pytest.approx(compute)  # a core each: as probed
