@@ -39,7 +39,8 @@ LONGEST_FIRST = ("dist/test_feature_matrix.py", "dist/test_compile.py", "dist/te
                  "launch/test_sweeps.py", "dist/test_deepspeed.py", "fault/test_kill_resume.py",
                  "launch/test_elastic.py", "fault/test_preemption.py", "dist/test_pipeline.py",
                  "dist/test_fsdp_mesh.py", "dist/test_ddp_numerics.py", "launch/test_packaging.py",
-                 "unit/test_memory.py", "dist/test_input_pipeline.py", "launch/test_cli_smoke.py", "launch/test_plan_validate.py",
+                 "unit/test_memory.py", "dist/test_input_pipeline.py", "launch/test_cli_smoke.py",
+                 "launch/test_plan_validate.py",
                  "dist/test_model_parallel.py", "unit/test_no_leftover_processes.py", "unit/test_schema.py")
 
 

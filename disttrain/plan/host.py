@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,13 +31,15 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
 
 
 def run_real(overrides: list[str], strategy: str, nproc: int, steps: int, threads: int, extra: list[str],
-             run_dir: Path, timeout: float = 300, live_memory: bool = False) -> dict[str, float]:
+             run_dir: Path, timeout: float = 300, live_memory: bool = False,
+             every: int | None = None) -> dict[str, float]:
     """Train ``steps`` steps for real; return the mean step seconds after the first logged
-    interval (warm-up) and the largest training memory over the ranks (bytes; live bytes
+    interval (warm-up; ``every`` steps each, default a third of the run), the median of those
+    intervals' step seconds, and the largest training memory over the ranks (bytes; live bytes
     with ``live_memory``)."""
     from disttrain.observe.report import read_scalars
 
-    every = max(steps // 3, 1)
+    every = every or max(steps // 3, 1)
     cmd = [sys.executable, "-m", "disttrain", *overrides, f"strategy={strategy}", *extra,
            f"dist.nproc_per_node={nproc}", f"trainer.max_steps={steps}", f"trainer.log_every={every}",
            "checkpoint.every_steps=0", "metrics.straggler_every=0", "trainer.progress=log",
@@ -50,7 +53,8 @@ def run_real(overrides: list[str], strategy: str, nproc: int, steps: int, thread
     growth = max(tags[t][-1][1] for t in tags if t.endswith("/train_mem_gb") and t.startswith("rank"))
     # ranks outside the loop (parameter-server workers) write theirs (engine.run)
     free = [json.loads(p.read_text())["train_mem_b"] for p in sorted((run_dir / "memory").glob("rank*.json"))]
-    return {"step_s": sum(steps_s) / len(steps_s), "memory_b": max([growth * 1e9, *free])}
+    return {"step_s": sum(steps_s) / len(steps_s), "step_median_s": statistics.median(steps_s),
+            "memory_b": max([growth * 1e9, *free])}
 
 
 def cache_file() -> Path:

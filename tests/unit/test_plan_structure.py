@@ -36,9 +36,10 @@ def test_measured_step_runs_once_per_strategy_model_and_batch(monkeypatch, tmp_p
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
 
-    def fake_run(argv, strategy, nproc, steps, threads, extra, run_dir, **_):
+    def fake_run(argv, strategy, nproc, steps, threads, extra, run_dir, every=None, **_):
         calls.append((tuple(argv), strategy, nproc, steps, tuple(extra)))
-        return {"step_s": 0.05 + 0.01 * len(calls), "memory_b": 0.0}
+        assert every == structure.TWIN_EVERY and steps // every >= 5  # a median over several intervals
+        return {"step_s": 1.0, "step_median_s": 0.05 + 0.01 * len(calls), "memory_b": 0.0}
 
     monkeypatch.setattr(host, "run_real", fake_run)
     argv = ["experiment=gpt_text", "data.batch_size=16"]
