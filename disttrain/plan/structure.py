@@ -45,7 +45,7 @@ def twin_batch(batch: int, micro_batches: int) -> int:
 
 def measured_step(argv: list[str], strategy: str, extra: list[str], nproc: int, threads: int,
                   batch: int) -> tuple[float, str]:
-    """(mean step seconds of ``strategy`` on the run's model at ``batch`` samples per rank,
+    """(median step seconds of ``strategy`` on the run's model at ``batch`` samples per rank,
     where it comes from): the cache, or a real run of ``TWIN_STEPS`` steps now."""
     path = host.cache_file()
     argv = [a for a in argv if not a.startswith("data.batch_size=")]
