@@ -68,6 +68,21 @@ def _key(nproc: int, threads: int, strategy: str) -> str:
             f"{' '.join(TINY)}")
 
 
+def cached(key: str, measure) -> tuple[dict, str]:
+    """(the entry stored under ``key`` in the host-term cache, where it comes from); on a miss
+    ``measure()`` makes it now and it is merged into the file as it is then (another plan may
+    have written meanwhile). Every host term (loop, framework, kernel code, overhead runs)."""
+    path = cache_file()
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if key in stored:
+        return stored[key], f"cached in {path}"
+    entry = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**fresh, key: entry}, indent=1))
+    return entry, "measured now"
+
+
 def framework(nproc: int, threads: int, strategy: str | None = None,
               extra: tuple[str, ...] = ()) -> tuple[float, float, str]:
     """(loop overhead s per step, framework bytes per rank, where they come from) of
@@ -75,16 +90,11 @@ def framework(nproc: int, threads: int, strategy: str | None = None,
     run of ``nproc`` ranks here and stored. The tiny model's tensors stay under the mmap
     threshold, so one run gives both its step time and its live memory."""
     strategy = strategy or ("single" if nproc == 1 else "ddp")
-    path, key = cache_file(), _key(nproc, threads, " ".join([strategy, *extra]))
-    cached = json.loads(path.read_text()) if path.exists() else {}
-    if key not in cached:
+
+    def measure() -> dict:
         with tempfile.TemporaryDirectory(prefix="disttrain-plan-host-") as tmp:
-            cached[key] = run_real(TINY, strategy, nproc, CAL_STEPS, threads, list(extra), Path(tmp) / "run",
-                                   live_memory=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = json.loads(path.read_text()) if path.exists() else {}  # another plan may have written meanwhile
-        path.write_text(json.dumps({**fresh, key: cached[key]}, indent=1))
-        where = "measured now"
-    else:
-        where = f"cached in {path}"
-    return cached[key]["step_s"], cached[key]["memory_b"], where
+            return run_real(TINY, strategy, nproc, CAL_STEPS, threads, list(extra), Path(tmp) / "run",
+                            live_memory=True)
+
+    entry, where = cached(_key(nproc, threads, " ".join([strategy, *extra])), measure)
+    return entry["step_s"], entry["memory_b"], where

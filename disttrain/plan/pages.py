@@ -99,16 +99,8 @@ def extra_code_bytes(cfg: DictConfig, tiny: DictConfig, threads: int) -> tuple[f
         return 0.0, "GPU: code is not in the allocator's peak"
     spec = _spec(cfg)
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path, key = host.cache_file(), f"{host._key(1, threads, 'code pages')}|{digest}"
-    cached = json.loads(path.read_text()) if path.exists() else {}
-    if key in cached:
-        entry, where = cached[key], f"cached in {path}"
-    else:
-        entry = {"model_b": _measure(spec, threads), "tiny_b": _measure(_spec(tiny), threads)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = json.loads(path.read_text()) if path.exists() else {}  # another plan may have written meanwhile
-        path.write_text(json.dumps({**fresh, key: entry}, indent=1))
-        where = "measured now"
+    entry, where = host.cached(f"{host._key(1, threads, 'code pages')}|{digest}",
+                               lambda: {"model_b": _measure(spec, threads), "tiny_b": _measure(_spec(tiny), threads)})
     extra = max(entry["model_b"] - entry["tiny_b"], 0.0)
     return float(extra), (f"model's kernels page in {entry['model_b'] / 1e6:.1f} MB of code, the calibration's "
                           f"{entry['tiny_b'] / 1e6:.1f} MB ({where})")

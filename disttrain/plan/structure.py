@@ -22,7 +22,6 @@ strategy, model config and batch, like the other host terms.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 
@@ -47,19 +46,17 @@ def measured_step(argv: list[str], strategy: str, extra: list[str], nproc: int, 
                   batch: int) -> tuple[float, str]:
     """(median step seconds of ``strategy`` on the run's model at ``batch`` samples per rank,
     where it comes from): the cache, or a real run of ``TWIN_STEPS`` steps now."""
-    path = host.cache_file()
     argv = [a for a in argv if not a.startswith("data.batch_size=")]
     key = host._key(nproc, threads, " ".join([strategy, *extra])) + f"|overhead run b={batch}|" + " ".join(argv)
-    cached = json.loads(path.read_text()) if path.exists() else {}
-    if key in cached:
-        return cached[key]["step_s"], f"cached in {path}"
-    with tempfile.TemporaryDirectory(prefix="disttrain-plan-overhead-") as tmp:
-        run = host.run_real([*argv, f"data.batch_size={batch}"], strategy, nproc, TWIN_STEPS, threads, extra,
-                            Path(tmp) / "run", every=TWIN_EVERY)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = json.loads(path.read_text()) if path.exists() else {}  # another plan may have written meanwhile
-    path.write_text(json.dumps({**fresh, key: {"step_s": run["step_median_s"]}}, indent=1))
-    return run["step_median_s"], "measured now"
+
+    def measure() -> dict:
+        with tempfile.TemporaryDirectory(prefix="disttrain-plan-overhead-") as tmp:
+            run = host.run_real([*argv, f"data.batch_size={batch}"], strategy, nproc, TWIN_STEPS, threads, extra,
+                                Path(tmp) / "run", every=TWIN_EVERY)
+        return {"step_s": run["step_median_s"]}
+
+    entry, where = host.cached(key, measure)
+    return entry["step_s"], where
 
 
 def overhead_s(twin: Prediction, twin_step_s: float) -> float:
