@@ -2,7 +2,9 @@
 
 Each strategy that exists in conf/strategy runs through the real CLI in subprocesses (own
 process group, own run dir), twice: ``plan.validate_steps`` steps for the step time (the
-observer's mean over the logged intervals after the first, warm-up) and a few steps for the
+steady step: the median of the observer's intervals after the first, warm-up, logged every
+eighth of the run; the mean is kept beside it, since a slow second on a shared host moves a
+mean of a few intervals by 20%) and a few steps for the
 memory (the largest over the ranks; GPU: peak allocated; CPU: the model state the rank
 holds plus the growth of peak resident memory, with freed tensors leaving it:
 ``plan.host``). The prediction takes this strategy's framework memory (``plan.host.framework``)
@@ -25,6 +27,8 @@ from disttrain.plan.core import compose, human, predictions, rows_for, workload
 from disttrain.plan import host, structure
 
 log = logging.getLogger("disttrain")
+#: the timed run is logged in this many intervals (the first is warm-up)
+TIMED_INTERVALS = 8
 MEMORY_STEPS = 4  # the peak is reached by step 2 (optimizer state from step 1, DDP's bucket rebuild at 2)
 #: what the overhead run's prediction takes from the machine probed right before each run
 HOST_TERMS = ("links", "latency", "bandwidth", "update_s", "overhead_s")
@@ -112,7 +116,8 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
                                      nproc)
                 twin = {p.strategy.split(" m=")[0]: p for p in twin_rows}[key]
                 twin_step, _ = structure.measured_step(base_argv, strategy, extra, nproc, threads, small)
-                timed = host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / "time")
+                timed = host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / "time",
+                                      every=max(steps // TIMED_INTERVALS, 1))
                 live = host.run_real(base_argv, strategy, nproc, MEMORY_STEPS, threads, extra, run_dir / "memory",
                                      live_memory=True)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -121,8 +126,13 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
             step = structure.full_step_s(preds[key], twin, twin_step)
             pred = dataclasses.replace(preds[key], overhead_s=step - (preds[key].step_s - preds[key].overhead_s),
                                        base_b=base)
-            rows.append({"strategy": name, "ranks": nproc, "pred_step_s": pred.step_s, "meas_step_s": timed["step_s"],
-                         "step_error": _error(pred.step_s, timed["step_s"]), "pred_mem_b": pred.memory_b,
+            meas = timed["step_median_s"]
+            rows.append({"strategy": name, "ranks": nproc, "pred_step_s": pred.step_s, "meas_step_s": meas,
+                         "meas_step_mean_s": timed["step_s"], "twin_step_s": twin_step,
+                         # the model's parts, to see which term a miss comes from
+                         "twin_model_s": twin.step_s - twin.overhead_s, "pred_compute_s": preds[key].compute_s,
+                         "pred_comm_s": preds[key].comm_s, "pred_update_s": preds[key].update_s,
+                         "step_error": _error(pred.step_s, meas), "pred_mem_b": pred.memory_b,
                          "meas_mem_b": live["memory_b"], "mem_error": _error(pred.memory_b, live["memory_b"])})
     return rows
 

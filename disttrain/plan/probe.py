@@ -23,6 +23,7 @@ from disttrain.memory.checkpointing import find_blocks
 from disttrain.observe.flops import count_train_flops
 from disttrain.plan import live
 from disttrain.plan.model import ModelFacts
+from disttrain.plan.tp_share import sharded_time_share
 from disttrain.strategies.precision import configured
 
 SMALL_MODEL_BYTES = 256 << 20  # measure activations on CPU below this, on meta above
@@ -82,9 +83,13 @@ def model_facts(cfg: DictConfig, batch: int) -> ModelFacts:
     flops = count_train_flops(build, (inputs, targets), loss_fn)
     low = configured(cfg)
     lowp = _lowp_saved_bytes(model, x, y, loss_fn, low) if low != "32" else 0
+    # timed at the run's batch where the model runs here; a large one (meta) is taken to spend
+    # its time in the sharded layers, as a large transformer's matmuls nearly all are
+    share = sharded_time_share(model, inputs) if device == "cpu" else 1.0
     return ModelFacts(params=params, linear_params=linear, flops_per_sample=flops / batch,
                       act_bytes_per_sample=saved / batch, boundary_bytes_per_sample=boundary, blocks=blocks,
-                      tp_replicated_act=_tp_replicated(cfg), units=fsdp_units(meta, sharded), act_lowp_per_sample=lowp)
+                      tp_replicated_act=_tp_replicated(cfg), units=fsdp_units(meta, sharded), act_lowp_per_sample=lowp,
+                      tp_share=share)
 
 
 def _tp_sharded(model: nn.Module) -> set[int]:

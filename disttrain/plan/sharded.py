@@ -166,7 +166,7 @@ def pp_fsdp_tp(m: ModelFacts, machine: Machine, w: Workload, layout: Layout) -> 
     # every micro-batch's activation crosses each stage boundary forward, its gradient backward
     comm += 2 * p2p_s(m.boundary_bytes_per_sample * gather / 4 * samples, mb * w.accum, machine)
     pred = Prediction(f"{layout.name} m={mb}", 4.0 * psi / shard, 4.0 * psi / shard + reduce * psi,
-                      k * psi / shard, act_b(m, w, tp) / p, _compute_s(m, machine, samples, p * tp, micro=True),
+                      k * psi / shard, act_b(m, w, tp) / p, _compute_s(m, machine, samples / p, tp, micro=True),
                       comm, (p - 1) / (mb + p - 1), samples * layout.dp, machine.update_s * psi / m.params / shard,
                       gather * psi)
     if w.batch % mb:

@@ -30,10 +30,11 @@ from omegaconf import DictConfig
 from disttrain.plan import host
 from disttrain.plan.model import Machine, ModelFacts, Prediction
 
-#: the overhead run: 24 steps logged every 4, the median of the 5 intervals after warm-up (the
-#: same small pipeline run measured 24, 35 and 46 ms in three means of 8 steps: a slow interval
-#: carries straight into every prediction built on it)
-TWIN_STEPS, TWIN_EVERY = 24, 4
+#: the overhead run: 40 steps logged every 5, the median of the 7 intervals after warm-up (the
+#: same small pipeline run measured 24, 35 and 46 ms in three means of 8 steps, and a 2-rank
+#: tensor-parallel one 24-37 ms as medians of 5 intervals of 4 steps, while 160-step runs of
+#: it agree within 2%: a slow stretch carries straight into every prediction built on it)
+TWIN_STEPS, TWIN_EVERY = 40, 5
 
 
 def twin_batch(batch: int, micro_batches: int) -> int:
@@ -47,7 +48,7 @@ def measured_step(argv: list[str], strategy: str, extra: list[str], nproc: int, 
     """(median step seconds of ``strategy`` on the run's model at ``batch`` samples per rank,
     where it comes from): the cache, or a real run of ``TWIN_STEPS`` steps now."""
     argv = [a for a in argv if not a.startswith("data.batch_size=")]
-    key = host._key(nproc, threads, " ".join([strategy, *extra])) + f"|overhead run b={batch}|" + " ".join(argv)
+    key = host._key(nproc, threads, " ".join([strategy, *extra])) + f"|overhead run b={batch} steps={TWIN_STEPS}|" + " ".join(argv)
 
     def measure() -> dict:
         with tempfile.TemporaryDirectory(prefix="disttrain-plan-overhead-") as tmp:
