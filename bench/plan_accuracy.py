@@ -4,7 +4,7 @@ strategy that runs on this host (single at 1 rank; ddp, fsdp, DeepSpeed ZeRO 1-3
 Each prediction is made at the planned rank count by that many probe processes stepping at
 once (the contention of the run), then each strategy trains for real through the CLI.
 
-    .venv/bin/python bench/plan_accuracy.py [--ranks 1,2,4] [--only mlp|gpt] [--steps 40] [--keep-cache]
+    .venv/bin/python bench/plan_accuracy.py [--ranks 1,2,4] [--only mlp|gpt] [--steps 40] [--repeats 2] [--keep-cache]
     .venv/bin/python bench/plan_accuracy.py --readme RUN_ID   # the README's table from the results file
 
 Every host term (loop and framework, kernel code, each strategy's overhead run) is measured
@@ -64,7 +64,7 @@ def record(rows: list[dict], args) -> None:
     base = {"bench": "plan_accuracy", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
             "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpus": os.cpu_count(), "steps": args.steps, "fresh_host_terms": not args.keep_cache}
+            "cpus": os.cpu_count(), "steps": args.steps, "repeats": args.repeats, "fresh_host_terms": not args.keep_cache}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a", encoding="utf-8") as handle:
         for row in rows:
@@ -105,6 +105,7 @@ def readme_table(run_id: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=2, help="launches of each timed and overhead run (fastest counts)")
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--only", choices=sorted(CONFIGS))
     parser.add_argument("--strategies", default="",
@@ -123,7 +124,8 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         for nproc in (int(n) for n in args.ranks.split(",")):
-            argv = overrides + [f"plan.validate_steps={args.steps}", f"plan.validate_nproc={nproc}"]
+            argv = overrides + [f"plan.validate_steps={args.steps}", f"plan.validate_nproc={nproc}",
+                                f"plan.validate_repeats={args.repeats}"]
             cfg = compose(argv)
             check(cfg)
             load = os.getloadavg()[0]

@@ -189,6 +189,9 @@ class PlanConfig:
     validate: bool = False
     validate_nproc: int = 2  # ranks of those runs
     validate_steps: int = 30
+    # launches of each timed run (and of each overhead run): the fastest counts, since one
+    # launch on a shared host can run 25% slower than the next for the same work
+    validate_repeats: int = 2
 
 
 def _data_defaults() -> Dict[str, Any]:

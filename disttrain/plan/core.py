@@ -230,6 +230,7 @@ def check(cfg: DictConfig) -> None:
         raise ValueError(f"plan.efficiency={p.efficiency} is a fraction of peak: give a value in (0, 1].")
     for key, least, why in (("micro_batches", 1, "pipeline micro-batches per step"),
                             ("validate_nproc", 1, "ranks of the validation runs"),
-                            ("validate_steps", 3, "the first logged third is warm-up, so at least 3 steps")):
+                            ("validate_steps", 3, "the first logged third is warm-up, so at least 3 steps"),
+                            ("validate_repeats", 1, "launches of each timed run")):
         if int(p[key]) < least:
             raise ValueError(f"plan.{key}={p[key]} must be >= {least} ({why}).")

@@ -1,10 +1,12 @@
 """``plan.validate=true``: short real trainings here, predicted vs measured side by side.
 
 Each strategy that exists in conf/strategy runs through the real CLI in subprocesses (own
-process group, own run dir), twice: ``plan.validate_steps`` steps for the step time (the
-steady step: the median of the observer's intervals after the first, warm-up, logged every
-eighth of the run; the mean is kept beside it, since a slow second on a shared host moves a
-mean of a few intervals by 20%) and a few steps for the
+process group, own run dir): ``plan.validate_steps`` steps for the step time (the steady
+step: the median of the observer's intervals after the first, warm-up, logged every eighth of
+the run, since a slow second on a shared host moves a mean of a few intervals by 20%; the
+fastest of ``plan.validate_repeats`` launches, since on a shared 2-core host one launch of the
+same run measured 69 ms a step and the next 88; the overhead run below likewise) and a few
+steps for the
 memory (the largest over the ranks; GPU: peak allocated; CPU: the model state the rank
 holds plus the growth of peak resident memory, with freed tensors leaving it:
 ``plan.host``). The prediction takes this strategy's framework memory (``plan.host.framework``)
@@ -84,6 +86,7 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
     """Predict at plan.validate_nproc ranks (this host, measured), run each available
     strategy for plan.validate_steps steps, return one row per run."""
     nproc, steps = int(cfg.plan.validate_nproc), int(cfg.plan.validate_steps)
+    repeats = int(cfg.plan.validate_repeats)
     names = available(nproc, only)
     if not names:
         return []
@@ -115,9 +118,10 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
                 twin_rows = rows_for(local, facts, twin_machine, dataclasses.replace(workload(local), batch=small),
                                      nproc)
                 twin = {p.strategy.split(" m=")[0]: p for p in twin_rows}[key]
-                twin_step, _ = structure.measured_step(base_argv, strategy, extra, nproc, threads, small)
-                timed = host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / "time",
-                                      every=max(steps // TIMED_INTERVALS, 1))
+                twin_step, _ = structure.measured_step(base_argv, strategy, extra, nproc, threads, small, repeats)
+                launches = [host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / f"time{i}",
+                                          every=max(steps // TIMED_INTERVALS, 1)) for i in range(repeats)]
+                timed = min(launches, key=lambda run: run["step_median_s"])
                 live = host.run_real(base_argv, strategy, nproc, MEMORY_STEPS, threads, extra, run_dir / "memory",
                                      live_memory=True)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -129,6 +133,7 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
             meas = timed["step_median_s"]
             rows.append({"strategy": name, "ranks": nproc, "pred_step_s": pred.step_s, "meas_step_s": meas,
                          "meas_step_mean_s": timed["step_s"], "twin_step_s": twin_step,
+                         "meas_launches_s": [run["step_median_s"] for run in launches],
                          # the model's parts, to see which term a miss comes from
                          "twin_model_s": twin.step_s - twin.overhead_s, "pred_compute_s": preds[key].compute_s,
                          "pred_comm_s": preds[key].comm_s, "pred_update_s": preds[key].update_s,

@@ -79,6 +79,7 @@ def test_host_terms_enter_every_row():
 @pytest.mark.parametrize("override,expected", [
     ("plan.validate_nproc=0", "plan.validate_nproc=0 must be >= 1"),
     ("plan.validate_steps=2", "plan.validate_steps=2 must be >= 3"),
+    ("plan.validate_repeats=0", "plan.validate_repeats=0 must be >= 1"),
     ("plan.micro_batches=abc", "plan.micro_batches='abc' is not an integer"),
     ("plan.bogus=1", "Could not override 'plan.bogus'"),
     ("plan.efficiency=2", "plan.efficiency=2.0 is a fraction of peak"),

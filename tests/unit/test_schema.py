@@ -30,7 +30,8 @@ OLD_DEFAULTS = {
     "metrics": {"peak_flops": None, "peak_dtype": "auto", "count_flops": True, "straggler_every": 50,
                 "straggler_ratio": 1.5, "debug_slow_rank": -1, "debug_slow_s": 0.0, "timeline_step": 5},
     "plan": {"device_memory": None, "bandwidth": None, "peak_flops": None, "efficiency": None,
-             "micro_batches": 8, "validate": False, "validate_nproc": 2, "validate_steps": 30},
+             "micro_batches": 8, "validate": False, "validate_nproc": 2, "validate_steps": 30,
+             "validate_repeats": 2},
 }
 
 
