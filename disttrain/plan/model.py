@@ -29,7 +29,7 @@ class ModelFacts:
     # () = `blocks` equal ones
     units: tuple[tuple[int, int], ...] = ()
     act_lowp_per_sample: float = 0.0  # activations under trainer.precision bf16/fp16 (0: as fp32)
-    tp_share: float = 1.0          # share of the step's compute time TP divides (plan.tp_share; rest replicated)
+    tp_share: float = 1.0          # compute time share TP divides (plan/tp_share.py); the rest replicated
 
 
 @dataclasses.dataclass
@@ -305,7 +305,7 @@ def param_server(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     Measured (MLP 4x1024, AdamW, 2 cores): staleness 0 throughout; 3 workers + 1 server
     step 36-40 ms at 4 samples and 53-58 ms at 64, i.e. compute with 3 processes on the 2
     cores + the update; the overlapped form (compute + max(update - compute, 0)) gave
-    -21...-34% on that row in four runs."""
+    -20...-34% on that row in five runs."""
     n, samples = machine.nproc, w.batch * w.accum
     workers = max(n - 1, 1)
     synchronous = w.staleness == 0 or workers == 1

@@ -3,8 +3,8 @@
 Megatron-style TP splits the work between a column-parallel layer's input and the next
 row-parallel layer's output (the Linear layers and, in attention, the per-head core between
 them). What lies outside those regions (embeddings, norms, residual adds, the LM head, the
-loss) every TP rank computes in full. Counting FLOPs misses that: gpt_tiny has ~85% of its
-FLOPs in the sharded Linear layers but spends ~76% of its forward time there on this CPU
+loss) every TP rank computes in full. Counting FLOPs misses that: gpt_tiny has ~87% of its
+FLOPs in the sharded regions but spends ~76% of its forward time there on this CPU
 (norms, softmax and residuals are cheap in FLOPs, not in time). Measured here, once, by
 timing those regions with forward hooks; backward is taken to split as forward does (hooks on
 every backward would need module backward hooks, which in-place ops on outputs refuse).
