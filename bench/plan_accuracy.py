@@ -4,7 +4,7 @@ strategy that runs on this host (single at 1 rank; ddp, fsdp, DeepSpeed ZeRO 1-3
 Each prediction is made at the planned rank count by that many probe processes stepping at
 once (the contention of the run), then each strategy trains for real through the CLI.
 
-    .venv/bin/python bench/plan_accuracy.py [--ranks 1,2,4] [--only mlp|gpt] [--steps 40] [--repeats 2] [--keep-cache]
+    .venv/bin/python bench/plan_accuracy.py [--ranks 1,2,4] [--only mlp|gpt] [--steps 40] [--repeats 3] [--keep-cache]
     .venv/bin/python bench/plan_accuracy.py --readme RUN_ID   # the README's table from the results file
 
 Every host term (loop and framework, kernel code, each strategy's overhead run) is measured
@@ -105,7 +105,8 @@ def readme_table(run_id: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=2, help="launches of each timed and overhead run (fastest counts)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="launches of each timed run, each with its own probes and overhead run (fastest of each)")
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--only", choices=sorted(CONFIGS))
     parser.add_argument("--strategies", default="",

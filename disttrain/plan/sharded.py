@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 from disttrain.plan.model import (Machine, ModelFacts, Prediction, Workload, _compute_s, _finish, allreduce_s,
-                                  human, optimizer_temp, p2p_s)
+                                  human, optimizer_temp, p2p_s, pipeline_bubble)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +167,8 @@ def pp_fsdp_tp(m: ModelFacts, machine: Machine, w: Workload, layout: Layout) -> 
     comm += 2 * p2p_s(m.boundary_bytes_per_sample * gather / 4 * samples, mb * w.accum, machine)
     pred = Prediction(f"{layout.name} m={mb}", 4.0 * psi / shard, 4.0 * psi / shard + reduce * psi,
                       k * psi / shard, act_b(m, w, tp) / p, _compute_s(m, machine, samples / p, tp, micro=True),
-                      comm, (p - 1) / (mb + p - 1), samples * layout.dp, machine.update_s * psi / m.params / shard,
+                      comm, pipeline_bubble(p, mb, machine.slots, layout.dp * tp), samples * layout.dp,
+                      machine.update_s * psi / m.params / shard,
                       gather * psi)
     if w.batch % mb:
         pred.fits, pred.note = False, f"data.batch_size={w.batch} not divisible by m={mb}"

@@ -44,22 +44,20 @@ def twin_batch(batch: int, micro_batches: int) -> int:
 
 
 def measured_step(argv: list[str], strategy: str, extra: list[str], nproc: int, threads: int,
-                  batch: int, repeats: int = 1) -> tuple[float, str]:
+                  batch: int, launch: int = 0) -> tuple[float, str]:
     """(median step seconds of ``strategy`` on the run's model at ``batch`` samples per rank,
-    the fastest of ``repeats`` launches; where it comes from): the cache, or real runs of
-    ``TWIN_STEPS`` steps now."""
+    where it comes from): the cache, or a real run of ``TWIN_STEPS`` steps now. Each of
+    ``plan.validate``'s launches (``launch``) has its own run, measured next to that launch's
+    probe and timed run (``plan.measure``), so its own cache entry."""
     argv = [a for a in argv if not a.startswith("data.batch_size=")]
-    key = host._key(nproc, threads, " ".join([strategy, *extra])) + f"|overhead run b={batch} steps={TWIN_STEPS}|" \
-        + " ".join(argv)
+    key = host._key(nproc, threads, " ".join([strategy, *extra])) \
+        + f"|overhead run b={batch} steps={TWIN_STEPS} launch={launch}|" + " ".join(argv)
 
     def measure() -> dict:
-        medians = []
-        for _ in range(repeats):
-            with tempfile.TemporaryDirectory(prefix="disttrain-plan-overhead-") as tmp:
-                run = host.run_real([*argv, f"data.batch_size={batch}"], strategy, nproc, TWIN_STEPS, threads, extra,
-                                    Path(tmp) / "run", every=TWIN_EVERY)
-            medians.append(run["step_median_s"])
-        return {"step_s": min(medians), "launches_s": medians}
+        with tempfile.TemporaryDirectory(prefix="disttrain-plan-overhead-") as tmp:
+            run = host.run_real([*argv, f"data.batch_size={batch}"], strategy, nproc, TWIN_STEPS, threads, extra,
+                                Path(tmp) / "run", every=TWIN_EVERY)
+        return {"step_s": run["step_median_s"]}
 
     entry, where = host.cached(key, measure)
     return entry["step_s"], where

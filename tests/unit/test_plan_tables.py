@@ -58,6 +58,26 @@ def test_pipeline_activations_per_schedule(schedule, p, m, in_flight):
         assert pred.act_b == pytest.approx(act * batch / p)
 
 
+def test_pipeline_bubble_on_a_host_with_fewer_cores_than_ranks():
+    """4 stages, m=4 on 2 cores: the probe times a micro-batch with all 4 ranks busy (2 per
+    core); at fill and drain the 1-3 busy stages share both cores, so a pass takes
+    (2+2+3+4+3+2+2)/4 = 4.5 probed times, not m+p-1 = 7. A device per rank: the paper's
+    (p-1)/(m+p-1). One core per stage or more: unchanged."""
+    assert pm.pipeline_bubble(4, 4) == pytest.approx(3 / 7)
+    assert pm.pipeline_bubble(4, 4, slots=2) == pytest.approx(1 - 4 / 4.5)
+    assert pm.pipeline_bubble(2, 4, slots=2) == pytest.approx(1 / 5)
+    assert pm.pipeline_bubble(2, 4, slots=1) == pytest.approx(0.0)  # one core: the stages take turns
+    assert pm.pipeline_bubble(2, 4, slots=2, ranks_per_stage=2) == pytest.approx(0.0)
+    facts = pm.ModelFacts(params=1000, linear_params=1000, flops_per_sample=1.0, act_bytes_per_sample=1.0,
+                          boundary_bytes_per_sample=0.0, blocks=4)
+    work = pm.Workload(batch=64, micro_batches=4, schedule="gpipe")
+    alone = pm.Machine(nproc=4, device_memory=1e12, bandwidth=1e9, latency=0.0, peak_flops=1e9, efficiency=1.0)
+    shared = pm.Machine(**{**alone.__dict__, "slots": 2.0})
+    one, two = pm.pipeline(facts, alone, work), pm.pipeline(facts, shared, work)
+    assert one.compute_s == two.compute_s
+    assert two.compute_s / (1 - two.bubble) == pytest.approx(one.compute_s / (1 - one.bubble) * 4.5 / 7)
+
+
 def test_host_terms_enter_every_row():
     """The framework memory and the loop overhead are added once per rank and step; each
     collective uses its own measured link."""
