@@ -189,8 +189,8 @@ class PlanConfig:
     validate: bool = False
     validate_nproc: int = 2  # ranks of those runs
     validate_steps: int = 30
-    # launches of each timed run (and of each overhead run): the fastest counts, since one
-    # launch on a shared host can run 25% slower than the next for the same work
+    # launches of each timed run, each with its own probes and overhead run; every term is
+    # taken at its fastest, since a shared host's speed moves between launches (plan.measure)
     validate_repeats: int = 2
 
 
