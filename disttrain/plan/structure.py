@@ -17,7 +17,7 @@ the modelled cost of the extra samples (``full_step_s``). That small step's comp
 its own batch (``small_batch_machine``), not extrapolated from the full batch's efficiency: a
 1024-wide MLP at 4 samples streams its weights far below its full-batch rate, and that
 shortfall would otherwise count as overhead. Cached in plan_host.json per host, rank count,
-strategy, model config and batch, like the other host terms.
+strategy, model config, batch and launch, like the other host terms.
 """
 from __future__ import annotations
 
