@@ -278,7 +278,8 @@ def pipeline_bubble(p: int, m: int, slots: float = 0.0, ranks_per_stage: int = 1
 
 def pipeline(m: ModelFacts, machine: Machine, w: Workload) -> Prediction:
     """p = n stages over one batch of ``batch`` split into m micro-batches; activations as
-    the schedule keeps them (``pipeline_activations``), the bubble (p-1)/(m+p-1)."""
+    the schedule keeps them (``pipeline_activations``), the bubble (p-1)/(m+p-1) or, on
+    fewer cores than ranks, less (``pipeline_bubble``)."""
     p, mb = machine.nproc, w.micro_batches
     samples = w.batch * w.accum
     # every micro-batch's activation crosses each boundary forward and its gradient backward
