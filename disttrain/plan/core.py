@@ -165,10 +165,13 @@ def sharded_layouts(cfg: DictConfig, nproc: int) -> list[sharded.Layout]:
                            bool(strategy.get("cpu_offload", False)))
 
 
-def predictions(cfg: DictConfig, nproc: int) -> tuple[list[pm.Prediction], pm.ModelFacts, pm.Machine, dict]:
+def predictions(cfg: DictConfig, nproc: int, facts: pm.ModelFacts | None = None
+                ) -> tuple[list[pm.Prediction], pm.ModelFacts, pm.Machine, dict]:
+    """Every row on this host as measured now; ``facts`` (the model's, which do not change
+    between probes of one config) are measured here unless given."""
     from disttrain.plan import probe as plan_probe
 
-    facts = plan_probe.model_facts(cfg, int(cfg.data.batch_size))
+    facts = facts or plan_probe.model_facts(cfg, int(cfg.data.batch_size))
     machine, notes = machine_from(cfg, facts, nproc, _threads(nproc))
     return rows_for(cfg, facts, machine, workload(cfg), nproc), facts, machine, notes
 

@@ -28,7 +28,8 @@ from omegaconf import DictConfig
 from disttrain.config.resolvers import config_dir
 from disttrain.plan.core import compose, human, predictions, rows_for, workload
 from disttrain.plan import host, structure
-from disttrain.plan.model import Prediction
+from disttrain.plan.model import ModelFacts, Prediction
+from disttrain.plan.probe import model_facts
 
 log = logging.getLogger("disttrain")
 #: the timed run is logged in this many intervals (the first is warm-up)
@@ -84,14 +85,14 @@ def side_by_side(rows: list[dict]) -> str:
     return "\n".join(text)
 
 
-def _launch(local: DictConfig, base_argv: list[str], name: str, strategy: str, extra: list[str], nproc: int,
-            steps: int, threads: int, launch: int, run_dir: Path) -> dict:
+def _launch(local: DictConfig, facts: ModelFacts, base_argv: list[str], name: str, strategy: str, extra: list[str],
+            nproc: int, steps: int, threads: int, launch: int, run_dir: Path) -> dict:
     """One launch of the timed run and, next to it, one of each measurement its prediction
     rests on: the probes at the full and the small batch, the overhead run."""
     key = CANDIDATES[name][2]
     micro_batches = int(local.plan.micro_batches)
     small = structure.twin_batch(int(local.data.batch_size), micro_batches)
-    rows_pred, facts, machine, _ = predictions(local, nproc)
+    rows_pred, _, machine, _ = predictions(local, nproc, facts)
     small_machine = structure.small_batch_machine(local, facts, machine, small, micro_batches, threads)
     timed = host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / f"time{launch}",
                           every=max(steps // TIMED_INTERVALS, 1))
@@ -128,6 +129,7 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
     local = compose(base_argv + [f"dist.nproc_per_node={nproc}", f"plan.micro_batches={cfg.plan.micro_batches}",
                                  "strategy=pipeline", "strategy.schedule=gpipe"])
     threads = max(1, (os.cpu_count() or 1) // nproc)
+    facts = model_facts(local, int(local.data.batch_size))  # the model's own: once, not per launch
     rows = []
     with tempfile.TemporaryDirectory(prefix="disttrain-plan-") as tmp:
         for name in names:
@@ -138,8 +140,8 @@ def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = Non
             try:
                 # this strategy's framework memory (a tiny run, cached)
                 _, base, _ = host.framework(nproc, threads, strategy, tuple(extra))
-                launches = [_launch(local, base_argv, name, strategy, extra, nproc, steps, threads, i, run_dir)
-                            for i in range(repeats)]
+                launches = [_launch(local, facts, base_argv, name, strategy, extra, nproc, steps, threads, i,
+                                    run_dir) for i in range(repeats)]
                 live = host.run_real(base_argv, strategy, nproc, MEMORY_STEPS, threads, extra, run_dir / "memory",
                                      live_memory=True)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:

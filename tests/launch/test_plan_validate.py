@@ -14,8 +14,8 @@ from helpers import ROOT, cli_env
 
 def test_validate_runs_the_overhead_run_once_and_prints_predicted_beside_measured(tmp_path):
     env = cli_env({"XDG_CACHE_HOME": str(tmp_path / "cache")})
-    args = ["plan.validate=true", "plan.validate_nproc=1", "plan.validate_steps=3", "plan.validate_repeats=1", "model.hidden=16",
-            "model.depth=2", "data.batch_size=8", "plan.micro_batches=2"]
+    args = ["plan.validate=true", "plan.validate_nproc=1", "plan.validate_steps=3", "plan.validate_repeats=1",
+            "model.hidden=16", "model.depth=2", "data.batch_size=8", "plan.micro_batches=2"]
     proc = subprocess.run([sys.executable, "-m", "disttrain", "plan", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -73,3 +73,20 @@ def test_each_launch_has_its_own_overhead_run(monkeypatch, tmp_path):
     assert structure.measured_step(["model=mlp"], "ddp", [], 4, 1, 4, launch=0)[0] == pytest.approx(0.088)  # cached
     stored = json.loads(host.cache_file().read_text())
     assert sorted(entry["step_s"] for entry in stored.values()) == [0.069, 0.088]
+
+
+def test_validate_takes_each_measured_term_at_its_fastest():
+    """Three launches, each term fastest in a different one: the row's full-batch model,
+    small-batch model, overhead run and timed run are each the fastest of its kind (the
+    host's speed toggles between launches), not one launch's set."""
+    from disttrain.plan.measure import _fastest
+
+    launches = [{"model": _pred(0.030, 0, 0), "twin": _pred(0.004, 0, 0, overhead=0.5), "twin_step_s": 0.009,
+                 "timed": {"step_median_s": 0.050}},
+                {"model": _pred(0.020, 0, 0), "twin": _pred(0.006, 0, 0), "twin_step_s": 0.007,
+                 "timed": {"step_median_s": 0.060}},
+                {"model": _pred(0.025, 0, 0), "twin": _pred(0.005, 0, 0), "twin_step_s": 0.008,
+                 "timed": {"step_median_s": 0.040}}]
+    model, twin, twin_step, timed = _fastest(launches)
+    assert model.compute_s == 0.020 and twin.compute_s == 0.004 and twin_step == 0.007
+    assert timed["step_median_s"] == 0.040
