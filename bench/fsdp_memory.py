@@ -190,7 +190,9 @@ def record(rows: dict[str, dict], args, loads: dict[str, float]) -> str:
     except ImportError:
         ds_version = None
     base = {"bench": "fsdp_memory", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
-            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
+            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results")),  # code, not earlier rows
+            "torch": torch.__version__,
             "deepspeed": ds_version, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(), "world": RANKS, "backend": "gloo", "threads_per_rank": 1,
             "model": {"in_dim": IN_OUT, "hidden": args.hidden, "depth": args.depth, "out_dim": IN_OUT},

@@ -62,7 +62,9 @@ def record(rows: list[dict], args) -> None:
     import torch
 
     base = {"bench": "plan_accuracy", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
-            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
+            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results")),  # code, not earlier rows
+            "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(), "steps": args.steps, "repeats": args.repeats, "fresh_host_terms": not args.keep_cache}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
