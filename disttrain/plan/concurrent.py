@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from disttrain.distributed import forkserver
 
 SIZES = (1 << 10, 1 << 16, 1 << 20, 1 << 22)  # floats: 4 KB .. 16 MB
+WARMUP_ROUNDS, ROUNDS = 4, 8  # per batch size: discarded, then timed
 MAX_PROCS = 8  # a plan for more ranks probes 8 at once (said in the plan's notes)
 
 
@@ -71,24 +72,37 @@ def collective_curves(rank: int, world: int) -> dict[str, tuple[float, float]]:
     return {op: _fit(points, hops[op]) for op, points in curves.items()}
 
 
+def alternated(step, batches: tuple[int, ...], sync) -> list[tuple[float, float]]:
+    """Per batch size (0: none, timed as zeros), the median (forward+backward s, update s) of
+    ``ROUNDS`` calls of ``step(batch)``, the batches in turn within each round so that every
+    figure comes from the same seconds (``plan.probe.StepTimer``); ``sync()`` before each timed
+    call keeps the ranks stepping at once, the contention the run will see."""
+    wanted = list(dict.fromkeys(b for b in batches if b))
+    # discarded rounds: a fresh process times its first steps up to 1.8x slow (gpt_tiny,
+    # 4 samples, 2 threads: 7.2, 4.6, 3.9 ms), and the run it predicts is measured warm
+    for _ in range(WARMUP_ROUNDS):
+        for batch in wanted:
+            step(batch)
+    samples: dict[int, list] = {batch: [] for batch in wanted}
+    for _ in range(ROUNDS):
+        for batch in wanted:
+            sync()
+            samples[batch].append(step(batch))
+    return [(statistics.median(t[0] for t in samples[b]), statistics.median(t[1] for t in samples[b]))
+            if b else (0.0, 0.0) for b in batches]
+
+
 def _worker(rank: int, world: int, port: int, cfg: DictConfig, batches: tuple[int, ...], threads: int,
             queue) -> None:
-    from disttrain.plan.probe import step_time
+    from disttrain.plan.probe import StepTimer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", r".*all_gather_into_tensor", FutureWarning)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        if batches and batches[0]:
-            # a discarded first call: a fresh process times its first model up to 1.8x slow
-            # (gpt_tiny, 4 samples, 2 threads: 7.2, 4.6, 3.9 ms in three calls), and the run it
-            # predicts is measured warm, after its warm-up interval
-            step_time(cfg, batches[0], threads)
-        times = []
-        for batch in batches:  # every rank steps at once: the contention the run will see
-            dist.barrier()
-            times.append(step_time(cfg, batch, threads) if batch else (0.0, 0.0))
+        wanted = tuple(dict.fromkeys(b for b in batches if b))
+        times = alternated(StepTimer(cfg, threads, wanted).step if wanted else None, batches, dist.barrier)
         dist.barrier()
         links = collective_curves(rank, world) if world > 1 else {}
         queue.put((rank, times, links))

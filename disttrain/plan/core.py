@@ -62,10 +62,13 @@ def _threads(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc) if not torch.cuda.is_available() else torch.get_num_threads()
 
 
-def machine_from(cfg: DictConfig, facts: pm.ModelFacts, nproc: int, threads: int) -> tuple[pm.Machine, dict]:
+def machine_from(cfg: DictConfig, facts: pm.ModelFacts, nproc: int, threads: int,
+                 also: tuple[int, ...] = ()) -> tuple[pm.Machine, dict]:
     """Stated figures where given, measured ones here otherwise; ``notes`` say which. The
     measured ones come from ``nproc`` processes stepping at once (``plan.concurrent``), as
-    the run will; the loop overhead and framework memory from a tiny run (``plan.host``)."""
+    the run will; the loop overhead and framework memory from a tiny run (``plan.host``).
+    The batch sizes in ``also`` are timed in the same probe, in turn with the run's own, and
+    ``notes["probed"]`` maps every timed batch to its (forward+backward s, update s)."""
     from disttrain.observe.peak import measure_peak
     from disttrain.plan import concurrent, host, pages
 
@@ -83,7 +86,9 @@ def machine_from(cfg: DictConfig, facts: pm.ModelFacts, nproc: int, threads: int
     need_link = not p.bandwidth and nproc > 1
     links, world = {}, 1
     if not p.efficiency or need_link:
-        timed, links, world = concurrent.probe(cfg, nproc, (batch, micro_batch) if not p.efficiency else (), threads)
+        batches = (batch, micro_batch, *also) if not p.efficiency else ()
+        timed, links, world = concurrent.probe(cfg, nproc, batches, threads)
+        notes["probed"] = {b: t for b, t in zip(batches, timed) if b}
     if p.bandwidth:
         bandwidth, latency, links = parse_bandwidth(p.bandwidth, "plan.bandwidth"), 0.0, {}
         notes["link"] = "stated"
@@ -96,7 +101,7 @@ def machine_from(cfg: DictConfig, facts: pm.ModelFacts, nproc: int, threads: int
     if p.efficiency:
         efficiency, micro, update, notes["eff"] = float(p.efficiency), 0.0, 0.0, "stated; optimizer time not modelled"
     else:
-        (seconds, update), (micro_s, _) = timed
+        (seconds, update), (micro_s, _) = timed[:2]
         efficiency = facts.flops_per_sample * batch / seconds / local_peak
         micro = facts.flops_per_sample * micro_batch / micro_s / local_peak if micro_s else 0.0
         notes["eff"] = (f"measured with {world} process(es) stepping at once, {threads} thread(s) each: fwd+bwd "
@@ -165,14 +170,15 @@ def sharded_layouts(cfg: DictConfig, nproc: int) -> list[sharded.Layout]:
                            bool(strategy.get("cpu_offload", False)))
 
 
-def predictions(cfg: DictConfig, nproc: int, facts: pm.ModelFacts | None = None
+def predictions(cfg: DictConfig, nproc: int, facts: pm.ModelFacts | None = None, also: tuple[int, ...] = ()
                 ) -> tuple[list[pm.Prediction], pm.ModelFacts, pm.Machine, dict]:
     """Every row on this host as measured now; ``facts`` (the model's, which do not change
-    between probes of one config) are measured here unless given."""
+    between probes of one config) are measured here unless given; ``also``: more batch sizes
+    timed in the same probe (``machine_from``)."""
     from disttrain.plan import probe as plan_probe
 
     facts = facts or plan_probe.model_facts(cfg, int(cfg.data.batch_size))
-    machine, notes = machine_from(cfg, facts, nproc, _threads(nproc))
+    machine, notes = machine_from(cfg, facts, nproc, _threads(nproc), also)
     return rows_for(cfg, facts, machine, workload(cfg), nproc), facts, machine, notes
 
 

@@ -92,8 +92,8 @@ def _launch(local: DictConfig, facts: ModelFacts, base_argv: list[str], name: st
     key = CANDIDATES[name][2]
     micro_batches = int(local.plan.micro_batches)
     small = structure.twin_batch(int(local.data.batch_size), micro_batches)
-    rows_pred, _, machine, _ = predictions(local, nproc, facts)
-    small_machine = structure.small_batch_machine(local, facts, machine, small, micro_batches, threads)
+    rows_pred, _, machine, notes = predictions(local, nproc, facts, also=structure.small_batches(small, micro_batches))
+    small_machine = structure.small_batch_machine(facts, machine, small, micro_batches, notes["probed"])
     timed = host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / f"time{launch}",
                           every=max(steps // TIMED_INTERVALS, 1))
     twin_step, _ = structure.measured_step(base_argv, strategy, extra, nproc, threads, small, launch)
@@ -104,16 +104,18 @@ def _launch(local: DictConfig, facts: ModelFacts, base_argv: list[str], name: st
 
 
 def _fastest(launches: list[dict]) -> tuple[Prediction, Prediction, float, dict]:
-    """(full-batch model, small-batch model, overhead run's step, timed run), each the fastest
-    of the launches. This 2-core VM steps the same work at two speeds 1.45x apart, in stretches
-    of 5-60 s (gpt_tiny, 16 samples, 2 threads: 10.5 or 15.5 ms; 1 thread always 16): a
-    prediction and a run seconds apart meet different speeds about as often as not (paired
-    launches of one row: predicted 65 / 55 ms beside measured 54 / 64). The fast speed is the
-    figure both sides can find again, so each term is taken at its fastest."""
-    model = min((launch["model"] for launch in launches), key=lambda p: p.step_s)
-    twin = min((launch["twin"] for launch in launches), key=lambda p: p.step_s - p.overhead_s)
+    """(full-batch model, small-batch model, overhead run's step, timed run) from the launches.
+    This 2-core VM steps the same work at two speeds 1.45x apart, in stretches of 5-60 s
+    (gpt_tiny, 16 samples, 2 threads: 10.5 or 15.5 ms; 1 thread always 16): a prediction and a
+    run seconds apart meet different speeds about as often as not (paired launches of one row:
+    predicted 65 / 55 ms beside measured 54 / 64). The fast speed is the figure both sides can
+    find again, so the timed run and the overhead run are each taken at their fastest, and the
+    model from the launch whose full-batch probe was fastest, with the small-batch figure timed
+    in turn with it (their difference is what the row adds to the overhead run: taken from
+    two launches, a fast full and a slow small one made gpt_tiny single 29% low)."""
+    best = min(launches, key=lambda launch: launch["model"].step_s)
     timed = min((launch["timed"] for launch in launches), key=lambda run: run["step_median_s"])
-    return model, twin, min(launch["twin_step_s"] for launch in launches), timed
+    return best["model"], best["twin"], min(launch["twin_step_s"] for launch in launches), timed
 
 
 def validate_rows(cfg: DictConfig, argv: list[str], only: list[str] | None = None) -> list[dict]:

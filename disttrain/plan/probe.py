@@ -1,5 +1,5 @@
 """What the planner measures about the model (parameters, FLOPs, activation bytes) and the
-timing of its real step here (``step_time``; run by ``plan.concurrent`` in as many processes
+timing of its real step here (``StepTimer``; run by ``plan.concurrent`` in as many processes
 at once as the plan has ranks, next to the collective curves).
 
 Model facts come from one forward/backward on the meta device (no memory, any size), or
@@ -148,26 +148,31 @@ def _tp_replicated(cfg: DictConfig) -> float:
     return 0.5
 
 
-def step_time(cfg: DictConfig, batch: int, threads: int, steps: int = 8) -> tuple[float, float]:
-    """Median seconds of (forward + backward, optimizer update) of the real model here on
-    one micro-batch, after two warm-up steps. They scale differently: forward/backward with
-    the samples, the update with the parameters a rank holds (once per step)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+class StepTimer:
+    """The real model, optimizer and loss built once and stepped at several batch sizes in
+    turn (``plan.concurrent`` alternates them round by round). On this 2-core VM the same work
+    runs at two speeds 1.45x apart, switching every 5-60 s; batches timed one after another
+    can land on different speeds, and the plan subtracts the small batch's figure from the
+    full one's (``plan.structure``), so a difference taken across a switch is off by a third.
+    Alternated, both medians come from the same seconds."""
+
+    def __init__(self, cfg: DictConfig, threads: int, batches: tuple[int, ...]):
+        torch.set_num_threads(threads)
         with torch.random.fork_rng(devices=[]):
-            model = builders.model_builder(cfg)()
-        optimizer = builders.optimizer_builder(cfg)(model.parameters())
-        loss_fn, (x, y) = builders.build_loss(cfg), example_batch(cfg, batch)
-        backward, update = [], []
-        for _ in range(steps + 2):
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            middle = time.perf_counter()
-            optimizer.step()
-            backward.append(middle - start)
-            update.append(time.perf_counter() - middle)
-        return statistics.median(backward[2:]), statistics.median(update[2:])
-    finally:
-        torch.set_num_threads(previous)
+            self.model = builders.model_builder(cfg)()
+        self.optimizer = builders.optimizer_builder(cfg)(self.model.parameters())
+        self.loss_fn = builders.build_loss(cfg)
+        self.inputs = {batch: example_batch(cfg, batch) for batch in set(batches) if batch}
+
+    def step(self, batch: int) -> tuple[float, float]:
+        """Seconds of (forward + backward, optimizer update) of one step at ``batch``. They
+        scale differently: forward/backward with the samples, the update with the parameters a
+        rank holds (once per step)."""
+        x, y = self.inputs[batch]
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_fn(self.model(x), y).backward()
+        middle = time.perf_counter()
+        self.optimizer.step()
+        return middle - start, time.perf_counter() - middle
+

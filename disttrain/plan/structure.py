@@ -77,15 +77,21 @@ def full_step_s(full: Prediction, twin: Prediction, twin_step_s: float) -> float
     return max(full.step_s - full.overhead_s + overhead_s(twin, twin_step_s), twin_step_s)
 
 
-def small_batch_machine(cfg: DictConfig, facts: ModelFacts, machine: Machine, small: int, micro_batches: int,
-                        threads: int) -> Machine:
-    """``machine`` with the efficiencies measured at the overhead run's batch (and at its
-    pipeline micro-batch), by the same ``machine.nproc`` processes stepping at once."""
-    from disttrain.plan import concurrent
-
+def small_batches(small: int, micro_batches: int) -> tuple[int, int]:
+    """(the overhead run's batch, its pipeline micro-batch or 0): what ``small_batch_machine``
+    needs probed."""
     micro = small // micro_batches if micro_batches > 1 and small % micro_batches == 0 else 0
-    (seconds, _), (micro_s, _) = concurrent.probe(cfg, machine.nproc, (small, micro if micro != small else 0),
-                                                  threads)[0]
+    return small, micro if micro != small else 0
+
+
+def small_batch_machine(facts: ModelFacts, machine: Machine, small: int, micro_batches: int,
+                        probed: dict[int, tuple[float, float]]) -> Machine:
+    """``machine`` with the efficiencies measured at the overhead run's batch (and at its
+    pipeline micro-batch): ``probed`` holds them, timed by the same ``machine.nproc`` processes
+    in turn with the full batch (``plan.probe.StepTimer``), so the full and small figures
+    share their seconds."""
+    small, micro = small_batches(small, micro_batches)
+    seconds, micro_s = probed[small][0], probed[micro][0] if micro else 0.0
     efficiency = facts.flops_per_sample * small / seconds / machine.peak_flops
     micro_efficiency = facts.flops_per_sample * micro / micro_s / machine.peak_flops if micro_s else efficiency
     return dataclasses.replace(machine, efficiency=efficiency, micro_efficiency=micro_efficiency)

@@ -75,10 +75,11 @@ def test_each_launch_has_its_own_overhead_run(monkeypatch, tmp_path):
     assert sorted(entry["step_s"] for entry in stored.values()) == [0.069, 0.088]
 
 
-def test_validate_takes_each_measured_term_at_its_fastest():
-    """Three launches, each term fastest in a different one: the row's full-batch model,
-    small-batch model, overhead run and timed run are each the fastest of its kind (the
-    host's speed toggles between launches), not one launch's set."""
+def test_validate_takes_the_fastest_runs_and_the_fastest_probe_with_its_own_small_figure():
+    """Three launches, each fastest at something else: the overhead run and the timed run are
+    each the fastest of their kind (the host's speed toggles between launches); the small-batch
+    model is the one probed in turn with the fastest full-batch model, not the fastest of all
+    (their difference is what the row adds to the overhead run)."""
     from disttrain.plan.measure import _fastest
 
     launches = [{"model": _pred(0.030, 0, 0), "twin": _pred(0.004, 0, 0, overhead=0.5), "twin_step_s": 0.009,
@@ -88,5 +89,25 @@ def test_validate_takes_each_measured_term_at_its_fastest():
                 {"model": _pred(0.025, 0, 0), "twin": _pred(0.005, 0, 0), "twin_step_s": 0.008,
                  "timed": {"step_median_s": 0.040}}]
     model, twin, twin_step, timed = _fastest(launches)
-    assert model.compute_s == 0.020 and twin.compute_s == 0.004 and twin_step == 0.007
+    assert model.compute_s == 0.020 and twin.compute_s == 0.006 and twin_step == 0.007
     assert timed["step_median_s"] == 0.040
+
+
+def test_the_probe_times_its_batch_sizes_in_turn():
+    """The full and the small batch are stepped alternately, round by round, so a change of
+    the host's speed meets both medians alike; warm-up rounds are discarded; a 0 batch is zeros."""
+    from disttrain.plan import concurrent
+
+    calls, clock = [], iter(range(1000))
+
+    def step(batch):
+        calls.append(batch)
+        tick = next(clock)
+        return batch * (2.0 if tick >= 16 else 1.0), 0.001  # the host halves its speed halfway
+
+    times = concurrent.alternated(step, (16, 0, 4), lambda: None)
+    warm = concurrent.WARMUP_ROUNDS
+    assert calls == [16, 4] * (warm + concurrent.ROUNDS)
+    assert times[1] == (0.0, 0.0)
+    # the speed change lands in both batches' samples alike: their ratio stays the batches' 4x
+    assert times[0][0] / times[2][0] == pytest.approx(4.0)
