@@ -11,8 +11,9 @@ and its per-step overhead on this model (``plan.structure``: a real run at a sma
 each row's step is measured there plus the modelled cost of the extra samples).
 
 The timed run is launched ``plan.validate_repeats`` times, each launch with its own probes
-and overhead run (``_launch``), and the row takes every term at its fastest (``_fastest``): on
-a shared 2-core host one launch of the same run measured 69 ms a step and the next 88.
+and overhead run (``_launch``), and the row takes the runs at their fastest and the model from
+the fastest probe (``_fastest``): on a shared 2-core host one launch of the same run measured
+69 ms a step and the next 88.
 """
 from __future__ import annotations
 
