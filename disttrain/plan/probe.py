@@ -11,7 +11,6 @@ only those saved for backward.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import torch
@@ -175,4 +174,3 @@ class StepTimer:
         middle = time.perf_counter()
         self.optimizer.step()
         return middle - start, time.perf_counter() - middle
-

@@ -25,8 +25,6 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from disttrain.plan import host
 from disttrain.plan.model import Machine, ModelFacts, Prediction
 
