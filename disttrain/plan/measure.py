@@ -94,7 +94,7 @@ def _launch(local: DictConfig, facts: ModelFacts, base_argv: list[str], name: st
     micro_batches = int(local.plan.micro_batches)
     small = structure.twin_batch(int(local.data.batch_size), micro_batches)
     rows_pred, _, machine, notes = predictions(local, nproc, facts, also=structure.small_batches(small, micro_batches))
-    small_machine = structure.small_batch_machine(facts, machine, small, micro_batches, notes["probed"])
+    small_machine = structure.small_batch_machine(facts, machine, small, micro_batches, notes.get("probed", {}))
     timed = host.run_real(base_argv, strategy, nproc, steps, threads, extra, run_dir / f"time{launch}",
                           every=max(steps // TIMED_INTERVALS, 1))
     twin_step, _ = structure.measured_step(base_argv, strategy, extra, nproc, threads, small, launch)

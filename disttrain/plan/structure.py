@@ -87,8 +87,11 @@ def small_batch_machine(facts: ModelFacts, machine: Machine, small: int, micro_b
     """``machine`` with the efficiencies measured at the overhead run's batch (and at its
     pipeline micro-batch): ``probed`` holds them, timed by the same ``machine.nproc`` processes
     in turn with the full batch (``plan.probe.StepTimer``), so the full and small figures
-    share their seconds."""
+    share their seconds. Nothing probed (a stated ``plan.efficiency``): ``machine`` as it is,
+    the stated figure holding at every batch."""
     small, micro = small_batches(small, micro_batches)
+    if small not in probed:
+        return machine
     seconds, micro_s = probed[small][0], probed[micro][0] if micro else 0.0
     efficiency = facts.flops_per_sample * small / seconds / machine.peak_flops
     micro_efficiency = facts.flops_per_sample * micro / micro_s / machine.peak_flops if micro_s else efficiency

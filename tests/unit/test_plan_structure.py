@@ -111,3 +111,18 @@ def test_the_probe_times_its_batch_sizes_in_turn():
     assert times[1] == (0.0, 0.0)
     # the speed change lands in both batches' samples alike: their ratio stays the batches' 4x
     assert times[0][0] / times[2][0] == pytest.approx(4.0)
+
+
+def test_the_small_batch_machine_takes_its_probed_figures_or_keeps_a_stated_one():
+    """The overhead run's batch and micro-batch get the efficiency their own probe measured
+    (4 samples in 2 ms, 1 sample in 1 ms at 1 GFLOP/sample on a 10 TFLOP/s peak); with nothing
+    probed (plan.efficiency stated) the machine is returned as it is."""
+    from disttrain.plan.model import Machine, ModelFacts
+
+    facts = ModelFacts(params=1, linear_params=1, flops_per_sample=1e9, act_bytes_per_sample=0,
+                       boundary_bytes_per_sample=0, blocks=1)
+    machine = Machine(nproc=2, device_memory=1e9, bandwidth=1e9, latency=0, peak_flops=1e13, efficiency=0.4)
+    small = structure.small_batch_machine(facts, machine, 4, 4, {64: (0.02, 0.0), 4: (0.002, 0.0), 1: (0.001, 0.0)})
+    assert small.efficiency == pytest.approx(4e9 / 0.002 / 1e13)        # 0.2
+    assert small.micro_efficiency == pytest.approx(1e9 / 0.001 / 1e13)  # 0.1
+    assert structure.small_batch_machine(facts, machine, 4, 4, {}) is machine
