@@ -377,6 +377,12 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _dirty() -> bool:
+    """Whether tracked code differs from the commit a row names; rows an earlier run appended
+    under bench/results do not count."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"))
+
+
 def _variants(names: list[str]) -> list[str]:
     chosen = []
     for name in names:
@@ -421,9 +427,7 @@ def run(args, variants: list[str]) -> None:
 
     world = 2
     base_row = {"bench": "ddp_overhead", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
-                "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                    ":(exclude)bench/results")),  # code, not earlier rows
-                "torch": torch.__version__,
+                "dirty": _dirty(), "torch": torch.__version__,
                 "lightning_fabric": fabric_version(), "python": platform.python_version(), "cpus": os.cpu_count(),
                 "mode": "isolated" if args.isolated else "interleaved", "world": world, "backend": "gloo", "threads_per_rank": 1,
                 "batch_per_rank": BATCH, "log_every": LOG_EVERY}

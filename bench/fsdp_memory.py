@@ -38,7 +38,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ddp_overhead import _git  # the other benchmarks' helpers: the commit for the rows, /proc/self/status
+from ddp_overhead import _dirty, _git  # the other benchmarks' helpers: the commit for the rows, /proc/self/status
 from memory import _kib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,9 +190,7 @@ def record(rows: dict[str, dict], args, loads: dict[str, float]) -> str:
     except ImportError:
         ds_version = None
     base = {"bench": "fsdp_memory", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
-            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)bench/results")),  # code, not earlier rows
-            "torch": torch.__version__,
+            "dirty": _dirty(), "torch": torch.__version__,
             "deepspeed": ds_version, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(), "world": RANKS, "backend": "gloo", "threads_per_rank": 1,
             "model": {"in_dim": IN_OUT, "hidden": args.hidden, "depth": args.depth, "out_dim": IN_OUT},

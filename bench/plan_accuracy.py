@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddp_overhead import _git  # noqa: E402  (the benchmarks' helper: the commit for the rows)
+from ddp_overhead import _dirty, _git  # noqa: E402  (the benchmarks' helper: the commit for the rows)
 
 from disttrain.plan.core import check, compose  # noqa: E402
 from disttrain.plan.measure import validate_rows  # noqa: E402
@@ -62,9 +62,7 @@ def record(rows: list[dict], args) -> None:
     import torch
 
     base = {"bench": "plan_accuracy", "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
-            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)bench/results")),  # code, not earlier rows
-            "torch": torch.__version__,
+            "dirty": _dirty(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(), "steps": args.steps, "repeats": args.repeats, "fresh_host_terms": not args.keep_cache}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -140,14 +140,13 @@ def main() -> None:
 def _record(rounds: list[dict], args, delay: float, target: float, x: float, y: float, z: float) -> None:
     """Every run of every round (``chosen``: the one the ratios use)."""
     import torch
+    from ddp_overhead import _dirty  # the benchmarks' helper: code changed since the commit
 
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     base = {"bench": "ps_straggler", "run_id": uuid.uuid4().hex[:12], "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)bench/results")),  # code, not earlier rows
-            "torch": torch.__version__,
+            "dirty": _dirty(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "steps": args.steps,
             "batch_per_worker": args.batch, "repeats": args.repeats, "delay_s": round(delay, 5),

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ddp_overhead import _git
+from ddp_overhead import _dirty, _git
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def append(bench: str, **fields) -> dict:
     row = {"bench": bench, "run_id": uuid.uuid4().hex[:12], "commit": _git("rev-parse", "HEAD"),
-           "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                               ":(exclude)bench/results")),  # code, not earlier rows
-           "torch": torch.__version__,
+           "dirty": _dirty(), "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **fields}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with (RESULTS / f"{bench}.jsonl").open("a", encoding="utf-8") as handle:

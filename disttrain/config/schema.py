@@ -189,8 +189,8 @@ class PlanConfig:
     validate: bool = False
     validate_nproc: int = 2  # ranks of those runs
     validate_steps: int = 30
-    # launches of each timed run, each with its own probes and overhead run; every term is
-    # taken at its fastest, since a shared host's speed moves between launches (plan.measure)
+    # launches of each timed run, each with its own probes and overhead run; the runs count at
+    # their fastest, the model from the fastest probe, since a shared host's speed moves (plan.measure)
     validate_repeats: int = 2
 
 

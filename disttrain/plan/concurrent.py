@@ -101,8 +101,7 @@ def _worker(rank: int, world: int, port: int, cfg: DictConfig, batches: tuple[in
     warnings.filterwarnings("ignore", r".*all_gather_into_tensor", FutureWarning)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        wanted = tuple(dict.fromkeys(b for b in batches if b))
-        times = alternated(StepTimer(cfg, threads, wanted).step if wanted else None, batches, dist.barrier)
+        times = alternated(StepTimer(cfg, threads, batches).step if any(batches) else None, batches, dist.barrier)
         dist.barrier()
         links = collective_curves(rank, world) if world > 1 else {}
         queue.put((rank, times, links))
